@@ -1,0 +1,96 @@
+"""`baldeagle <stage>`: argv → config dataclass → one stage function. No logic of its own.
+
+Each stage's flags are generated from its config dataclass (`max_length` ↔ `--max-length`).
+Precedence, lowest first: dataclass defaults, `--config FILE` (YAML), trailing `key=value`
+overrides, explicit `--flags`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import re
+import sys
+import typing
+
+from baldeagle.config import STAGES, ConfigError, load_config, parse_overrides
+
+# stage → ("module:function", one-line help). Modules are imported only when their stage runs.
+RUNNERS: dict[str, tuple[str, str]] = {
+    "prepare": ("baldeagle.data.prepare:run_prepare", "tokenise conversations with an assistant-only loss mask"),
+    "view": ("baldeagle.data.view:run_view", "show a prepared dataset's loss mask (terminal or HTML)"),
+    "train": ("baldeagle.train.trainer:run_train", "train an EAGLE-1 or EAGLE-3 draft (online or offline features)"),
+    "quickstart": ("baldeagle.quickstart:run_quickstart", "the whole pipeline on the packaged default model"),
+}
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w-]*=")
+
+
+def _add_field(parser: argparse.ArgumentParser, field: dataclasses.Field, annotation) -> None:
+    help_text = field.metadata.get("help", "")
+    default = field.default if field.default is not dataclasses.MISSING else None
+    if field.metadata.get("positional"):
+        parser.add_argument(field.name, nargs="?", default=argparse.SUPPRESS, help=help_text)
+        return
+    flag = "--" + field.name.replace("_", "-")
+    if annotation is bool:
+        parser.add_argument(flag, dest=field.name, action="store_const", const=True,
+                            default=argparse.SUPPRESS, help=f"{help_text} (default: {default})")
+        parser.add_argument("--no-" + flag[2:], dest=field.name, action="store_const", const=False,
+                            default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        return
+    parser.add_argument(flag, dest=field.name, default=argparse.SUPPRESS, metavar=field.name.upper(),
+                        help=f"{help_text} (default: {default!r})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="baldeagle", description="Train, evaluate and export EAGLE speculative-decoding draft models."
+    )
+    subparsers = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
+    for stage, (_, help_text) in RUNNERS.items():
+        cls = STAGES[stage]
+        sub = subparsers.add_parser(stage, help=help_text, description=help_text)
+        sub.add_argument("--config", default=None, help="YAML file with this stage's settings")
+        hints = typing.get_type_hints(cls)
+        for field in dataclasses.fields(cls):
+            _add_field(sub, field, hints[field.name])
+        sub.add_argument("overrides", nargs="*", metavar="key=value", help="settings overriding --config")
+    return parser
+
+
+def parse_config(argv: list[str]):
+    """argv → (stage name, resolved config dataclass)."""
+    args = vars(build_parser().parse_args(argv))
+    stage = args.pop("stage")
+    config_file = args.pop("config")
+    overrides = list(args.pop("overrides", []))
+    cls = STAGES[stage]
+    # A positional field swallows the first `key=value` when the positional itself is omitted.
+    for field in dataclasses.fields(cls):
+        value = args.get(field.name)
+        if field.metadata.get("positional") and isinstance(value, str) and _OVERRIDE.match(value):
+            overrides.insert(0, args.pop(field.name))
+    cfg = load_config(cls, config_file, ("key=value overrides", parse_overrides(overrides)), ("flags", args))
+    return stage, cfg
+
+
+def run_stage(stage: str, cfg):
+    module_name, function_name = RUNNERS[stage][0].split(":")
+    return getattr(importlib.import_module(module_name), function_name)(cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        stage, cfg = parse_config(argv)
+        run_stage(stage, cfg)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as error:
+        print(f"baldeagle: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

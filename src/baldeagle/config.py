@@ -1,0 +1,225 @@
+"""Configuration: one dataclass per stage, filled from defaults, then a YAML file, then overrides.
+
+Flow (one way): YAML file → `key=value` overrides → `--flag` overrides → dataclass → stage function.
+Unknown keys are errors that name the key and where it came from. The resolved config is written
+into each stage's output folder (`write_resolved`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix; the message names the key and its source."""
+
+
+def _help(text: str, **kwargs) -> Any:
+    """A dataclass field with a help text (shown by `baldeagle STAGE --help`)."""
+    return field(metadata={"help": text, **kwargs.pop("metadata", {})}, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Stage configurations. Field names are the YAML keys and the CLI flags (`max_length` is
+# `--max-length` or `max_length=...`).
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PrepareConfig:
+    model: str = _help("target: packaged name (smollm2), local folder or hub id", default="smollm2")
+    dataset: str = _help(
+        "conversations: mtbench, chitchat, ultrachat, sharegpt, a hub id, or a JSON/JSONL/Parquet file",
+        default="chitchat",
+    )
+    out: str = _help("output folder (datasets.save_to_disk)", default="runs/prepared")
+    split: str = _help("dataset split for hub datasets (presets choose their own)", default="")
+    max_length: int = _help("truncate rows to this many tokens", default=2048)
+    limit: int = _help("keep at most this many rows (0 = all)", default=0)
+    shuffle: bool = _help("shuffle rows before --limit", default=False)
+    seed: int = _help("random seed for --shuffle", default=0)
+    system_prompt: str = _help("system prompt injected into rows that have none", default="")
+    chat_template: str = _help("file with a Jinja chat template (for tokenizers without one)", default="")
+    strict: bool = _help("stop at the first bad row instead of skipping it", default=False)
+    num_proc: int = _help("tokenisation processes (0 = all cores)", default=0)
+    overwrite: bool = _help("replace an existing output folder", default=False)
+    trust_remote_code: bool = _help("allow code from the model repository to run", default=False)
+
+
+@dataclass
+class ViewConfig:
+    data: str = _help("prepared dataset folder", default="", metadata={"positional": True})
+    model: str = _help("tokenizer to decode with (default: the one recorded in stats.json)", default="")
+    rows: int = _help("number of rows to show", default=3)
+    start: int = _help("first row to show", default=0)
+    html: str = _help("also write a self-contained HTML page to this file", default="")
+    max_tokens: int = _help("show at most this many tokens per row in the terminal (0 = all)", default=0)
+
+
+@dataclass
+class TrainConfig:
+    model: str = _help("target: packaged name (smollm2), local folder or hub id", default="smollm2")
+    data: str = _help("prepared dataset folder (baldeagle prepare)", default="runs/prepared")
+    out: str = _help("output folder: checkpoints and the final draft", default="runs/draft")
+    draft_type: str = _help("eagle3 or eagle1", default="eagle3")
+    ttt_steps: int = _help("EAGLE-3 training-time-test steps K", default=7)
+    draft_vocab_size: int = _help("EAGLE-3 draft vocabulary (capped at the target's)", default=32000)
+    aux_layer_ids: list[int] = _help("EAGLE-3 feature layers (hidden_states ids; empty = [2, L//2, L-3])",
+                                     default_factory=list)
+    mode: str = _help("online (the target runs in the loop) or offline (read --features)", default="online")
+    features: str = _help("offline feature store folder (baldeagle features)", default="")
+    eval_fraction: float = _help("share of prepared rows held out for evaluation", default=0.05)
+    max_length: int = _help("truncate training rows to this many tokens", default=2048)
+    feature_noise: float = _help("EAGLE-1 uniform noise on input features (scaled by 512/len)", default=0.2)
+    target_dtype: str = _help("dtype of the frozen target: float32, bfloat16 or float16", default="float32")
+    learning_rate: float = _help("peak learning rate", default=1e-4)
+    lr_scheduler_type: str = _help("Transformers scheduler name", default="cosine")
+    warmup_ratio: float = _help("share of steps spent warming up", default=0.02)
+    weight_decay: float = _help("AdamW weight decay", default=0.0)
+    max_grad_norm: float = _help("gradient clipping", default=0.5)
+    num_train_epochs: float = _help("epochs over the prepared data", default=1.0)
+    max_steps: int = _help("stop after this many optimizer steps (-1 = use epochs)", default=-1)
+    per_device_train_batch_size: int = _help("rows per device per step", default=1)
+    gradient_accumulation_steps: int = _help("micro-batches per optimizer step", default=1)
+    logging_steps: int = _help("log metrics every N steps", default=10)
+    eval_steps: int = _help("evaluate every N steps (0 = at the end only)", default=0)
+    save_steps: int = _help("checkpoint every N steps", default=500)
+    save_total_limit: int = _help("keep at most this many checkpoints", default=2)
+    report_to: str = _help("none, tensorboard or wandb", default="none")
+    seed: int = _help("random seed", default=0)
+    bf16: bool = _help("train the draft in bfloat16 mixed precision (GPU)", default=False)
+    resume: bool = _help("continue from the last checkpoint in --out", default=False)
+    overwrite: bool = _help("replace an existing output folder", default=False)
+    dataloader_num_workers: int = _help("data loader worker processes", default=0)
+    deepspeed: str = _help("DeepSpeed JSON config (GPU)", default="")
+    fsdp: str = _help("FSDP options, e.g. 'full_shard auto_wrap' (GPU)", default="")
+    training_args: dict = _help("any other transformers.TrainingArguments fields", default_factory=dict)
+    trust_remote_code: bool = _help("allow code from the model repository to run", default=False)
+
+
+@dataclass
+class QuickstartConfig:
+    model: str = _help("target: packaged name (smollm2), local folder or hub id", default="smollm2")
+    dataset: str = _help("conversations to train on", default="chitchat")
+    out: str = _help("root folder for every stage's output", default="runs/quickstart")
+    limit: int = _help("conversations to use", default=400)
+    max_length: int = _help("truncate rows to this many tokens", default=512)
+    overwrite: bool = _help("replace existing outputs", default=True)
+
+
+STAGES: dict[str, type] = {
+    "prepare": PrepareConfig,
+    "view": ViewConfig,
+    "train": TrainConfig,
+    "quickstart": QuickstartConfig,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and coercion
+# --------------------------------------------------------------------------------------------
+
+
+def field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
+    """Convert a YAML/CLI value to the field's declared type, or raise naming the key."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, source)
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(v, args[0] if args else str, key, source) for v in value]
+    if origin is dict or annotation is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} (from {source}) must be a mapping, got {value!r}")
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key} (from {source}) must be true or false, got {value!r}")
+    if annotation in (int, float):
+        try:
+            number = annotation(value) if not isinstance(value, str) else annotation(yaml.safe_load(value))
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key} (from {source}) must be {annotation.__name__}, got {value!r}") from None
+        if annotation is int and isinstance(value, float) and value != int(value):
+            raise ConfigError(f"{key} (from {source}) must be an integer, got {value!r}")
+        return number
+    if annotation is str:
+        return "" if value is None else str(value)
+    return value
+
+
+def _apply(values: dict, updates: dict, cls: type, source: str) -> None:
+    hints = typing.get_type_hints(cls)
+    for key, value in updates.items():
+        name = str(key).replace("-", "_")
+        if name not in hints:
+            raise ConfigError(
+                f"unknown key '{key}' in {source} for {cls.__name__}; valid keys: {', '.join(field_names(cls))}"
+            )
+        values[name] = _coerce(value, hints[name], name, source)
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """`["lr=1e-3", "steps=10"]` → {"lr": "1e-3", "steps": "10"} (values are coerced later)."""
+    result = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, value = item.split("=", 1)
+        result[key.strip()] = value
+    return result
+
+
+def load_config(cls: type, config_file: str | Path | None = None, *override_layers: tuple[str, dict]):
+    """Build `cls` from its defaults, a YAML file, then each (source name, {key: value}) layer."""
+    values: dict[str, Any] = {}
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+        _apply(values, data, cls, str(path))
+    for source, layer in override_layers:
+        _apply(values, layer, cls, source)
+    return cls(**values)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def write_resolved(cfg, folder: str | Path, name: str = "config.yaml") -> Path:
+    """Write the resolved configuration beside a stage's output, so every run is reproducible."""
+    from baldeagle.io import atomic_write_text
+
+    path = Path(folder) / name
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return path

