@@ -81,7 +81,7 @@ class TrainConfig:
     target_dtype: str = _help("dtype of the frozen target: float32, bfloat16 or float16", default="float32")
     learning_rate: float = _help("peak learning rate", default=1e-4)
     lr_scheduler_type: str = _help("Transformers scheduler name", default="cosine")
-    warmup_ratio: float = _help("share of steps spent warming up", default=0.02)
+    warmup_steps: float = _help("warm-up steps, or a share of all steps when below 1", default=0.02)
     weight_decay: float = _help("AdamW weight decay", default=0.0)
     max_grad_norm: float = _help("gradient clipping", default=0.5)
     num_train_epochs: float = _help("epochs over the prepared data", default=1.0)
@@ -105,6 +105,45 @@ class TrainConfig:
 
 
 @dataclass
+class FeaturesConfig:
+    model: str = _help("target: packaged name (smollm2), local folder or hub id", default="smollm2")
+    data: str = _help("prepared dataset folder (baldeagle prepare)", default="runs/prepared")
+    out: str = _help("feature store folder", default="runs/features")
+    draft_type: str = _help("eagle3 or eagle1: decides what is stored", default="eagle3")
+    aux_layer_ids: list[int] = _help("EAGLE-3 feature layers (empty = [2, L//2, L-3])", default_factory=list)
+    max_length: int = _help("truncate rows to this many tokens", default=2048)
+    batch_tokens: int = _help("tokens per target forward (rows are length-sorted)", default=8192)
+    shard_tokens: int = _help("tokens per shard file", default=262144)
+    limit: int = _help("store at most this many rows (0 = all)", default=0)
+    max_bytes: int = _help("store at most this many bytes (0 = no limit)", default=0)
+    force: bool = _help("write even if the free disk looks too small", default=False)
+    target_dtype: str = _help("dtype of the target: float32, bfloat16 or float16", default="float32")
+    trust_remote_code: bool = _help("allow code from the model repository to run", default=False)
+
+
+@dataclass
+class EvalConfig:
+    model: str = _help("target: packaged name (smollm2), local folder or hub id", default="smollm2")
+    draft: str = _help("draft checkpoint folder (baldeagle train)", default="runs/draft/final")
+    out: str = _help("output folder: eval.json, acceptance.png", default="runs/eval")
+    prompts: str = _help("mtbench, or a JSONL file with `turns` or `messages` per line", default="mtbench")
+    mode: str = _help("chain or tree (EAGLE-2 dynamic tree)", default="tree")
+    num_draft_tokens: int = _help("chain: tokens drafted per step", default=4)
+    tree_depth: int = _help("tree: draft depth", default=5)
+    tree_topk: int = _help("tree: children expanded per node", default=4)
+    tree_total_tokens: int = _help("tree: nodes verified per step (root included)", default=24)
+    temperature: float = _help("0 = greedy (exact); > 0 samples losslessly", default=0.0)
+    top_p: float = _help("nucleus sampling threshold in (0, 1]", default=1.0)
+    max_new_tokens: int = _help("new tokens per turn", default=256)
+    limit: int = _help("evaluate at most this many prompts (0 = all)", default=0)
+    first_turn_only: bool = _help("only the first turn of each prompt", default=False)
+    prompt_lookup: bool = _help("also time Transformers prompt lookup decoding", default=True)
+    seed: int = _help("random seed for sampling", default=0)
+    target_dtype: str = _help("dtype of the target and draft: float32 or bfloat16", default="float32")
+    trust_remote_code: bool = _help("allow code from the model repository to run", default=False)
+
+
+@dataclass
 class QuickstartConfig:
     model: str = _help("target: packaged name (smollm2), local folder or hub id", default="smollm2")
     dataset: str = _help("conversations to train on", default="chitchat")
@@ -118,6 +157,8 @@ STAGES: dict[str, type] = {
     "prepare": PrepareConfig,
     "view": ViewConfig,
     "train": TrainConfig,
+    "features": FeaturesConfig,
+    "eval": EvalConfig,
     "quickstart": QuickstartConfig,
 }
 

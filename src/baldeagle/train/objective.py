@@ -1,0 +1,56 @@
+"""`DraftObjective`: the draft plus its training objective, as one module.
+
+The Trainer (and DDP/FSDP around it) sees this module, so the whole objective runs inside its
+`forward` and gradients synchronise across processes; the draft itself is `objective.draft`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from baldeagle.data.features import TargetFeatures
+from baldeagle.train.ttt import eagle1_forward, ttt_forward
+
+
+class DraftObjective(nn.Module):
+    def __init__(self, draft: nn.Module, ttt_steps: int = 7, feature_noise: float = 0.2):
+        super().__init__()
+        self.draft = draft
+        self.ttt_steps = ttt_steps
+        self.feature_noise = feature_noise
+
+    def forward(self, batch: dict[str, torch.Tensor], target: TargetFeatures):
+        """batch: input_ids, attention_mask, loss_mask [B, T]; target: the frozen target's tensors.
+
+        → (loss, sums): sums hold detached per-step `loss_k`, `correct_k`, `count_k` totals, so
+        metrics add up exactly across batches and processes before dividing.
+        """
+        if self.draft.config.draft_type == "eagle3":
+            return self._eagle3(batch, target)
+        return self._eagle1(batch, target)
+
+    def _eagle3(self, batch, target):
+        out = ttt_forward(
+            self.draft, batch["input_ids"], target.features, target.logits, batch["loss_mask"],
+            steps=self.ttt_steps, attention_mask=batch["attention_mask"],
+        )
+        sums = {}
+        for k, (loss, correct, count) in enumerate(zip(out.step_losses, out.correct, out.count)):
+            sums[f"loss_{k}"] = loss.detach() * count
+            sums[f"correct_{k}"] = correct.float()
+            sums[f"count_{k}"] = count.float()
+        return out.loss, sums
+
+    def _eagle1(self, batch, target):
+        noise = self.feature_noise if self.training else 0.0
+        loss, metrics = eagle1_forward(
+            self.draft, batch["input_ids"], target.features, batch["loss_mask"], target_logits=target.logits,
+            attention_mask=batch["attention_mask"], noise_std=noise,
+        )
+        sums = {
+            "loss_0": metrics["l1_sum"] + 0.1 * metrics["ce_sum"],
+            "correct_0": metrics["correct"],
+            "count_0": metrics["count"],
+        }
+        return loss, sums

@@ -1,0 +1,179 @@
+"""`baldeagle train`: TrainConfig → target, prepared data, draft → EagleTrainer → a draft folder.
+
+Output layout: `out/checkpoint-N/` (Trainer checkpoints: draft weights, optimiser, scheduler, RNG,
+data position) and `out/final/` (the trained draft, its metrics and resolved config), written
+atomically. Every check that can fail runs before the first step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from baldeagle.config import ConfigError, TrainConfig, write_resolved
+from baldeagle.data.features import OnlineFeatures
+from baldeagle.data.prepare import load_prepared
+from baldeagle.io import atomic_dir, atomic_write_json, provenance
+from baldeagle.model.checkpoint import load_draft, save_draft
+from baldeagle.model.draft_config import draft_config_from_target
+from baldeagle.model.vocab import build_draft_vocab, count_trained_tokens
+from baldeagle.targets import load_target
+from baldeagle.train.collate import PadCollator, add_length_column
+from baldeagle.train.objective import DraftObjective
+from baldeagle.train.trainer import EagleTrainer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_settings(cfg: TrainConfig) -> None:
+    if cfg.draft_type not in ("eagle1", "eagle3"):
+        raise ConfigError(f"draft_type must be eagle1 or eagle3, got {cfg.draft_type!r}")
+    if cfg.mode not in ("online", "offline"):
+        raise ConfigError(f"mode must be online or offline, got {cfg.mode!r}")
+    if cfg.mode == "offline" and not cfg.features:
+        raise ConfigError("mode=offline needs features=DIR (a store written by baldeagle features)")
+    if cfg.target_dtype not in DTYPES:
+        raise ConfigError(f"target_dtype must be one of {sorted(DTYPES)}, got {cfg.target_dtype!r}")
+    if cfg.ttt_steps < 1:
+        raise ConfigError(f"ttt_steps must be at least 1, got {cfg.ttt_steps}")
+    if not 0.0 <= cfg.eval_fraction < 1.0:
+        raise ConfigError(f"eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
+
+
+def training_arguments(cfg: TrainConfig) -> TrainingArguments:
+    """TrainConfig → TrainingArguments; `training_args` passes any other Trainer setting through."""
+    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    unknown = sorted(set(cfg.training_args) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in training_args (not transformers.TrainingArguments fields)")
+    args = dict(
+        output_dir=cfg.out,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        logging_steps=cfg.logging_steps,
+        eval_strategy="steps" if cfg.eval_steps > 0 and cfg.eval_fraction > 0 else "no",
+        eval_steps=cfg.eval_steps or None,
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        report_to=cfg.report_to,
+        seed=cfg.seed,
+        bf16=cfg.bf16,
+        dataloader_num_workers=cfg.dataloader_num_workers,
+        deepspeed=cfg.deepspeed or None,
+        fsdp=cfg.fsdp or None,
+        remove_unused_columns=False,  # the collator needs loss_mask and row_index
+        label_names=[],
+        train_sampling_strategy="group_by_length",
+        length_column_name="length",
+    )
+    args.update(cfg.training_args)
+    return TrainingArguments(**args)
+
+
+def resume_checkpoint(cfg: TrainConfig) -> str | None:
+    """The checkpoint to continue from, or None; refuses to mix a new run into an old folder."""
+    out = Path(cfg.out)
+    if cfg.resume:
+        last = get_last_checkpoint(str(out)) if out.is_dir() else None
+        if last is None:
+            raise FileNotFoundError(f"--resume: no checkpoint-N folder in {out}")
+        return last
+    if out.exists() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or --overwrite")
+        shutil.rmtree(out)
+    return None
+
+
+def split_rows(dataset, cfg: TrainConfig):
+    dataset = dataset.add_column("row_index", np.arange(len(dataset), dtype=np.int64))
+    dataset = add_length_column(dataset)
+    if cfg.eval_fraction <= 0 or len(dataset) < 2:
+        return dataset, None
+    parts = dataset.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed)
+    return parts["train"], parts["test"]
+
+
+def check_target_fits(dataset, stats: dict, target, data: str) -> None:
+    vocab = target.get_input_embeddings().weight.shape[0]
+    if stats.get("trained_tokens", 1) == 0 or not any(any(m) for m in dataset["loss_mask"][:1000]):
+        raise ValueError(f"{data} has no trained tokens (loss_mask is all zero); check the chat template")
+    top = max(max(ids) for ids in dataset["input_ids"])
+    if top >= vocab:
+        raise ValueError(f"{data} holds token id {top} but the target's vocabulary has {vocab}: "
+                         f"it was prepared with another tokenizer")
+
+
+def build_draft(cfg: TrainConfig, target, train_rows, checkpoint: str | None):
+    draft_cfg = draft_config_from_target(
+        target.config, cfg.draft_type, cfg.draft_vocab_size, cfg.aux_layer_ids or None
+    )
+    if checkpoint:
+        draft = load_draft(checkpoint, expected_type=cfg.draft_type)
+        for key in ("hidden_size", "vocab_size", "aux_layer_ids"):
+            if getattr(draft.config, key) != getattr(draft_cfg, key):
+                raise ValueError(f"{checkpoint}: draft {key}={getattr(draft.config, key)} does not match the "
+                                 f"target's {getattr(draft_cfg, key)}")
+        return draft
+    d2t = None
+    if cfg.draft_type == "eagle3":
+        counts = count_trained_tokens(train_rows, draft_cfg.vocab_size)
+        d2t, _, _ = build_draft_vocab(counts, draft_cfg.draft_vocab_size)
+    from baldeagle.model.checkpoint import DRAFT_CLASSES
+
+    return DRAFT_CLASSES[cfg.draft_type].from_target(target, draft_cfg, d2t=d2t)
+
+
+def make_features(cfg: TrainConfig, target, draft):
+    if cfg.mode == "online":
+        return OnlineFeatures(target, cfg.draft_type, draft.config.aux_layer_ids)
+    from baldeagle.data.store_reader import OfflineFeatures, FeatureStore
+
+    head = target.get_output_embeddings().weight
+    return OfflineFeatures(FeatureStore(cfg.features), head, cfg.draft_type)
+
+
+def run_train(cfg: TrainConfig) -> dict:
+    check_settings(cfg)
+    checkpoint = resume_checkpoint(cfg)
+    dataset, stats = load_prepared(cfg.data)
+    target = load_target(cfg.model, DTYPES[cfg.target_dtype], cfg.trust_remote_code)
+    check_target_fits(dataset, stats, target, cfg.data)
+    train_rows, eval_rows = split_rows(dataset, cfg)
+    set_seed(cfg.seed)  # the draft's initial weights are the same in every process and every run
+    draft = build_draft(cfg, target, train_rows, checkpoint)
+    args = training_arguments(cfg)
+    target.to(args.device)
+    pad = target.config.pad_token_id if target.config.pad_token_id is not None else 0
+    trainer = EagleTrainer(
+        model=DraftObjective(draft, cfg.ttt_steps, cfg.feature_noise),
+        args=args,
+        train_dataset=train_rows,
+        eval_dataset=eval_rows,
+        data_collator=PadCollator(pad_token_id=int(pad), max_length=cfg.max_length),
+        features=make_features(cfg, target, draft),
+    )
+    trainer.train(resume_from_checkpoint=checkpoint)
+    metrics = trainer.evaluate() if eval_rows is not None else {}
+    if trainer.args.should_save:
+        with atomic_dir(Path(cfg.out) / "final", overwrite=True) as tmp:
+            save_draft(draft, tmp)
+            write_resolved(cfg, tmp)
+            atomic_write_json(tmp / "metrics.json", {"eval": metrics, "log_history": trainer.state.log_history,
+                                                    "provenance": provenance()})
+        print(f"baldeagle: draft written to {Path(cfg.out) / 'final'}")
+    return metrics

@@ -1,0 +1,104 @@
+"""Training end to end on a tiny in-process target: learning, resume, and bad input."""
+
+import json
+
+import pytest
+import torch
+
+from baldeagle.config import TrainConfig
+from baldeagle.model.checkpoint import load_draft
+from baldeagle.train.run import run_train
+from train_fixtures import save_prepared, save_tiny_target
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    return {
+        "model": str(save_tiny_target(root / "target")),
+        "data": str(save_prepared(root / "prepared")),
+        "root": root,
+    }
+
+
+def config(ws, out, **changes) -> TrainConfig:
+    base = dict(model=ws["model"], data=ws["data"], out=str(ws["root"] / out), ttt_steps=2,
+                draft_vocab_size=128, learning_rate=3e-3, warmup_steps=0, max_steps=30,
+                per_device_train_batch_size=4, logging_steps=1, save_steps=1000, eval_fraction=0.25,
+                max_length=64, training_args={"train_sampling_strategy": "sequential"})
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+def losses(out_dir) -> dict[int, float]:
+    history = json.loads((out_dir / "final" / "metrics.json").read_text())["log_history"]
+    return {h["step"]: h["loss"] for h in history if "loss" in h}
+
+
+@pytest.mark.parametrize("draft_type", ["eagle3", "eagle1"])
+def test_training_lowers_loss_and_writes_a_loadable_draft(workspace, draft_type):
+    cfg = config(workspace, f"run-{draft_type}", draft_type=draft_type)
+    metrics = run_train(cfg)
+    history = losses(workspace["root"] / f"run-{draft_type}")
+    first, last = history[1], history[max(history)]
+    assert last < 0.8 * first, history
+    assert "eval_acc_0" in metrics and "eval_tau_sim" in metrics
+    assert 1.0 <= metrics["eval_tau_sim"] <= 1.0 + cfg.ttt_steps
+    draft = load_draft(workspace["root"] / f"run-{draft_type}" / "final", expected_type=draft_type)
+    assert draft.config.hidden_size == 64
+    logged = json.loads((workspace["root"] / f"run-{draft_type}" / "final" / "metrics.json").read_text())
+    train_logs = [h for h in logged["log_history"] if "acc_0" in h]
+    assert train_logs and all(0.0 <= h["acc_0"] <= 1.0 for h in train_logs)
+
+
+def test_resume_gives_the_same_next_losses(workspace):
+    straight = config(workspace, "straight", max_steps=6, save_steps=3, eval_fraction=0.0)
+    run_train(straight)
+    reference = losses(workspace["root"] / "straight")
+    # Same run, "killed" after the checkpoint at step 3: drop what came later, then --resume.
+    interrupted = workspace["root"] / "straight"
+    import shutil
+
+    shutil.rmtree(interrupted / "checkpoint-6")
+    shutil.rmtree(interrupted / "final")
+    run_train(config(workspace, "straight", max_steps=6, save_steps=3, eval_fraction=0.0, resume=True))
+    resumed = losses(interrupted)
+    for step in (4, 5, 6):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), (step, resumed, reference)
+
+
+def test_existing_output_needs_resume_or_overwrite(workspace):
+    out = workspace["root"] / "occupied"
+    out.mkdir()
+    (out / "something").write_text("x")
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_train(config(workspace, "occupied"))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        run_train(config(workspace, "occupied", resume=True))
+
+
+def test_checkpoint_of_another_draft_type_is_refused(workspace):
+    run_train(config(workspace, "typed", max_steps=2, save_steps=2, eval_fraction=0.0))
+    with pytest.raises(ValueError, match="eagle3 draft, but eagle1"):
+        run_train(config(workspace, "typed", draft_type="eagle1", max_steps=4, resume=True))
+
+
+def test_bad_data_and_settings_fail_before_training(workspace, tmp_path):
+    untrained = save_prepared(tmp_path / "untrained", trained=False)
+    with pytest.raises(ValueError, match="no trained tokens"):
+        run_train(config(workspace, "x1", data=str(untrained)))
+    big = save_prepared(tmp_path / "bigvocab", vocab=1000)
+    with pytest.raises(ValueError, match="another tokenizer"):
+        run_train(config(workspace, "x2", data=str(big)))
+    with pytest.raises(ValueError, match="aux layer id 9"):
+        run_train(config(workspace, "x3", aux_layer_ids=[1, 2, 9]))
+    with pytest.raises(ValueError, match="training_args"):
+        run_train(config(workspace, "x4", training_args={"not_a_trainer_field": 1}))
+    assert not (workspace["root"] / "x1").exists()
+
+
+def test_non_finite_loss_names_the_step(workspace):
+    cfg = config(workspace, "nan", learning_rate=1e12, max_steps=20, max_grad_norm=0.0,
+                 training_args={"train_sampling_strategy": "sequential", "adam_epsilon": 1e-30})
+    with pytest.raises(FloatingPointError, match=r"at step \d+ on a batch of rows"):
+        run_train(cfg)
