@@ -79,6 +79,8 @@ def training_arguments(cfg: TrainConfig) -> TrainingArguments:
         label_names=[],
         train_sampling_strategy="group_by_length",
         length_column_name="length",
+        # Without an accelerator, say so: torchrun / accelerate then run DDP over gloo on CPUs.
+        use_cpu=not torch.accelerator.is_available(),
     )
     args.update(cfg.training_args)
     return TrainingArguments(**args)
