@@ -1,0 +1,185 @@
+"""The rules by which a draft's config follows its target, in one place.
+
+A draft is one Llama-style decoder layer. Everything that must match the target for the draft's
+features, tokens and positions to line up is copied from the target's config: hidden size,
+heads, KV heads, head dim, RoPE (theta, type and scaling, as Transformers' `rope_parameters`),
+RMS eps, `max_position_embeddings` (an engine stops drafting past it), activation and attention
+bias. Choices the target's family makes that a draft does not copy:
+
+- Qwen3's q/k RMS norms: the draft has none (the EAGLE-3 layer engines serve is a Llama layer).
+- Mistral's sliding window: ignored; the draft attends to its whole (short) context.
+- `attention_bias` keeps Llama's meaning (q, k, v and o projections all biased), so an exported
+  draft loads into the engines' Llama-based EAGLE models; a Qwen2 target (q/k/v bias) sets it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from baldeagle.targets import default_aux_layers
+
+CONFIG_NAME = "draft_config.json"
+DRAFT_TYPES = ("eagle1", "eagle3")
+QKV_BIAS_FAMILIES = ("qwen2", "qwen2_moe")  # families whose q/k/v projections carry a bias
+
+
+@dataclass
+class DraftConfig:
+    draft_type: str  # "eagle1" | "eagle3"
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_parameters: dict  # the target's, e.g. {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, ...}
+    max_position_embeddings: int
+    vocab_size: int  # the target's vocabulary
+    draft_vocab_size: int  # eagle3: reduced vocabulary; eagle1: = vocab_size
+    # Transformers `hidden_states[i]` indices (the input of layer i; L = the final normed output).
+    # eagle3: three ids, concatenated into fc's 3H input; eagle1: [L], the LM head's input.
+    aux_layer_ids: list[int]
+    target_num_layers: int
+    hidden_act: str = "silu"
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    torch_dtype: str = "float32"  # the target's dtype, as a string ("bfloat16", ...)
+    target_model: str = ""  # name_or_path of the target
+    target_architecture: str = ""  # e.g. "LlamaForCausalLM"
+
+
+def _rope_parameters(text_config) -> dict:
+    rope = getattr(text_config, "rope_parameters", None)
+    if rope is None:  # older configs: rope_theta / rope_scaling attributes
+        rope = dict(getattr(text_config, "rope_scaling", None) or {})
+        rope.setdefault("rope_type", rope.pop("type", "default"))
+        rope["rope_theta"] = float(getattr(text_config, "rope_theta", 10000.0))
+    elif "full_attention" in rope:  # per-layer-type RoPE (e.g. Gemma 3): the full-attention one
+        rope = rope["full_attention"]
+    return dict(rope)
+
+
+def _dtype_name(text_config) -> str:
+    name = "dtype" if hasattr(text_config, "dtype") else "torch_dtype"  # transformers 5 / 4
+    dtype = getattr(text_config, name, None)
+    if dtype is None:
+        return "float32"
+    return str(dtype).removeprefix("torch.")
+
+
+def _attention_bias(text_config) -> bool:
+    if getattr(text_config, "model_type", "") in QKV_BIAS_FAMILIES:
+        return True
+    return bool(getattr(text_config, "attention_bias", False))
+
+
+def check_aux_layer_ids(aux_layer_ids: list[int], num_layers: int, draft_type: str) -> list[int]:
+    ids = [int(i) for i in aux_layer_ids]
+    for i in ids:
+        if not 0 <= i <= num_layers:
+            raise ValueError(
+                f"aux layer id {i} is out of range: the target has L={num_layers} layers, so ids "
+                f"index hidden_states[0..{num_layers}]"
+            )
+    expected = 3 if draft_type == "eagle3" else 1
+    if len(ids) != expected:
+        raise ValueError(f"{draft_type} needs {expected} aux layer id(s), got {ids}")
+    return ids
+
+
+def draft_config_from_target(
+    target_config, draft_type: str, draft_vocab_size: int = 32000, aux_layer_ids: list[int] | None = None
+) -> DraftConfig:
+    """A draft config that follows `target_config` (a Transformers config of a causal LM)."""
+    if draft_type not in DRAFT_TYPES:
+        raise ValueError(f"draft_type must be one of {DRAFT_TYPES}, got {draft_type!r}")
+    text = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
+    layers = int(text.num_hidden_layers)
+    vocab = int(text.vocab_size)
+    if aux_layer_ids is None:
+        aux_layer_ids = default_aux_layers(layers) if draft_type == "eagle3" else [layers]
+    architectures = getattr(target_config, "architectures", None) or []
+    return DraftConfig(
+        draft_type=draft_type,
+        hidden_size=int(text.hidden_size),
+        intermediate_size=int(text.intermediate_size),
+        num_attention_heads=int(text.num_attention_heads),
+        num_key_value_heads=int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads),
+        head_dim=int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads),
+        rms_norm_eps=float(text.rms_norm_eps),
+        rope_parameters=_rope_parameters(text),
+        max_position_embeddings=int(text.max_position_embeddings),
+        vocab_size=vocab,
+        draft_vocab_size=min(int(draft_vocab_size), vocab) if draft_type == "eagle3" else vocab,
+        aux_layer_ids=check_aux_layer_ids(aux_layer_ids, layers, draft_type),
+        target_num_layers=layers,
+        hidden_act=str(getattr(text, "hidden_act", "silu")),
+        attention_bias=_attention_bias(text),
+        tie_word_embeddings=bool(getattr(target_config, "tie_word_embeddings", False)),
+        pad_token_id=getattr(text, "pad_token_id", None),
+        bos_token_id=getattr(text, "bos_token_id", None),
+        eos_token_id=getattr(text, "eos_token_id", None),
+        torch_dtype=_dtype_name(text),
+        target_model=str(getattr(target_config, "_name_or_path", "") or getattr(target_config, "name_or_path", "")),
+        target_architecture=str(architectures[0]) if architectures else "",
+    )
+
+
+def to_llama_config(cfg: DraftConfig):
+    """A one-layer `transformers.LlamaConfig` describing the draft's decoder layer (and export)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=1,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        head_dim=cfg.head_dim,
+        hidden_act=cfg.hidden_act,
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_parameters=dict(cfg.rope_parameters),
+        max_position_embeddings=cfg.max_position_embeddings,
+        vocab_size=cfg.vocab_size,
+        attention_bias=cfg.attention_bias,
+        mlp_bias=False,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        pad_token_id=cfg.pad_token_id,
+        bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_id,
+        dtype=getattr(torch, cfg.torch_dtype, torch.float32),
+    )
+
+
+def save(cfg: DraftConfig, folder: str | Path) -> Path:
+    path = Path(folder) / CONFIG_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dataclasses.asdict(cfg), indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def load(folder: str | Path) -> DraftConfig:
+    path = Path(folder)
+    if path.is_dir():
+        path = path / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no draft config at {path}")
+    data = json.loads(path.read_text())
+    fields = {f.name: f for f in dataclasses.fields(DraftConfig)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{path}: unknown draft config key(s) {unknown}")
+    missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING and n not in data]
+    if missing:
+        raise ValueError(f"{path}: missing draft config key(s) {missing}")
+    if data["draft_type"] not in DRAFT_TYPES:
+        raise ValueError(f"{path}: draft_type must be one of {DRAFT_TYPES}, got {data['draft_type']!r}")
+    return DraftConfig(**data)

@@ -1,0 +1,110 @@
+"""EAGLE-3 draft: fused multi-layer features, one decoder layer over [embedding; feature], draft vocab.
+
+Row t reads the fused target features g_t (the hidden states entering layers `aux_layer_ids`,
+concatenated, 3H) and the next token x_{t+1}:
+
+    h_t   = fc(g_t)                                          # 3H → H, no bias, once (`project`)
+    a_t   = [input_layernorm(embed(x_{t+1})); hidden_norm(h_t)]  # 2H, into q/k/v
+    r_t   = h_t + o_proj(attention(a_t))                     # the residual is the feature
+    out_t = r_t + mlp(post_attention_layernorm(r_t))         # fed back, un-normed, as the next h
+    logits_t = lm_head(norm(out_t))                          # [draft_vocab]; target id = id + d2t[id]
+
+Parameter and buffer names are those SGLang's / vLLM's `LlamaForCausalLMEagle3` read: `fc.weight`
+[H, 3H], `midlayer.*` (q/k/v take 2H), `norm.weight`, `lm_head.weight` [Vd, H], `d2t`, `t2d`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
+
+from baldeagle.model.draft_config import DraftConfig, to_llama_config
+from baldeagle.model.layers import DraftAttention, DraftBase, DraftCache
+from baldeagle.model.vocab import used_ids_from_d2t
+
+
+class Eagle3DecoderLayer(nn.Module):
+    def __init__(self, cfg: DraftConfig):
+        super().__init__()
+        hidden = cfg.hidden_size
+        self.input_layernorm = LlamaRMSNorm(hidden, eps=cfg.rms_norm_eps)  # on the token embedding
+        self.hidden_norm = LlamaRMSNorm(hidden, eps=cfg.rms_norm_eps)  # on the feature
+        self.self_attn = DraftAttention(cfg, 2 * hidden)
+        self.post_attention_layernorm = LlamaRMSNorm(hidden, eps=cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(to_llama_config(cfg))
+
+    def forward(self, embeds, hidden, position_embeddings, cache=None, attention_mask=None) -> torch.Tensor:
+        """embeds [B, T, H], hidden [B, T, H] → out [B, T, H] (un-normed)."""
+        x = torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)  # [B, T, 2H]
+        x = hidden + self.self_attn(x, position_embeddings, cache, attention_mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Eagle3Draft(DraftBase):
+    frozen_modules = ("embed_tokens",)
+
+    def __init__(self, cfg: DraftConfig):
+        super().__init__()
+        if cfg.draft_type != "eagle3":
+            raise ValueError(f"Eagle3Draft needs an eagle3 config, got {cfg.draft_type!r}")
+        self.config = cfg
+        hidden = cfg.hidden_size
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, hidden)
+        self.fc = nn.Linear(len(cfg.aux_layer_ids) * hidden, hidden, bias=False)
+        self.midlayer = Eagle3DecoderLayer(cfg)
+        self.norm = LlamaRMSNorm(hidden, eps=cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(hidden, cfg.draft_vocab_size, bias=False)
+        self.rotary_emb = LlamaRotaryEmbedding(to_llama_config(cfg))
+        # target_id = draft_id + d2t[draft_id]; t2d[target_id] is True for the draft vocabulary.
+        self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
+        self.register_buffer("t2d", torch.zeros(cfg.vocab_size, dtype=torch.bool))
+        self.freeze_target_copies()
+
+    @classmethod
+    def from_target(cls, target_model, cfg: DraftConfig, d2t: torch.Tensor | None = None) -> Eagle3Draft:
+        """A fresh draft: frozen copy of the target's embedding; LM head = the target's rows of the
+        draft vocabulary (trainable); `d2t` from `baldeagle.model.vocab.build_draft_vocab`."""
+        if d2t is None:
+            raise ValueError("an EAGLE-3 draft needs d2t: build it with baldeagle.model.vocab.build_draft_vocab")
+        if d2t.shape != (cfg.draft_vocab_size,):
+            raise ValueError(f"d2t has shape {tuple(d2t.shape)}, expected ({cfg.draft_vocab_size},)")
+        used = used_ids_from_d2t(d2t)
+        if used.min() < 0 or used.max() >= cfg.vocab_size or len(used.unique()) != len(used):
+            raise ValueError("d2t does not map the draft vocabulary onto distinct target ids")
+        draft = cls(cfg)
+        draft.set_draft_vocab(d2t)
+        cls.copy_weight(draft.embed_tokens.weight, target_model.get_input_embeddings().weight)
+        target_head = target_model.get_output_embeddings().weight  # [V, H]
+        cls.copy_weight(draft.lm_head.weight, target_head[used.to(target_head.device)])
+        return draft
+
+    def set_draft_vocab(self, d2t: torch.Tensor) -> None:
+        used = used_ids_from_d2t(d2t).to(self.d2t.device)
+        self.d2t.copy_(d2t)
+        self.t2d.zero_()
+        self.t2d[used] = True
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Fused aux features [B, T, 3H] → [B, T, H] (applied once, before the first step)."""
+        return self.fc(features.to(self.fc.weight.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        hidden: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: DraftCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids [B, T] (x_{t+1}), hidden [B, T, H] (projected feature or previous out) → out [B, T, H]."""
+        embeds = self.embed_tokens(input_ids)  # [B, T, H]
+        hidden = hidden.to(embeds.dtype)
+        return self.midlayer(embeds, hidden, self.rope(hidden, position_ids), cache, attention_mask)
+
+    def logits(self, out: torch.Tensor) -> torch.Tensor:
+        """[..., H] → [..., Vd] over the draft vocabulary."""
+        return self.lm_head(self.norm(out))
+
+    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        return draft_ids + self.d2t[draft_ids]

@@ -1,0 +1,196 @@
+"""Draft configs follow their targets; the drafts run, cache correctly, and train only what they should."""
+
+import json
+
+import pytest
+import torch
+from tiny_targets import TINY_TARGETS, draft_features, target_outputs, tiny_draft, tiny_target
+
+from baldeagle.model import draft_config as dc
+from baldeagle.model.eagle3 import Eagle3Draft
+from baldeagle.model.layers import DraftCache
+from baldeagle.train.ttt import eagle1_forward, ttt_forward
+
+FAMILIES = list(TINY_TARGETS)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("draft_type", ["eagle1", "eagle3"])
+def test_draft_config_follows_target(family, draft_type):
+    target = tiny_target(family)
+    t = target.config
+    cfg = dc.draft_config_from_target(t, draft_type, draft_vocab_size=100)
+    assert cfg.hidden_size == 64 and cfg.intermediate_size == 128
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (4, 2)
+    assert cfg.head_dim == (24 if family == "qwen3" else 16)
+    assert cfg.rope_parameters == t.rope_parameters and cfg.rope_parameters["rope_theta"] != 10000.0
+    if family == "qwen2":
+        assert cfg.rope_parameters["rope_type"] == "linear" and cfg.rope_parameters["factor"] == 2.0
+    assert cfg.rms_norm_eps == t.rms_norm_eps
+    assert cfg.max_position_embeddings == 4096
+    assert cfg.attention_bias is (family == "qwen2")
+    assert cfg.vocab_size == 256 and cfg.target_num_layers == 6
+    assert cfg.target_architecture == type(target).__name__
+    if draft_type == "eagle3":
+        assert cfg.draft_vocab_size == 100 and cfg.aux_layer_ids == [2, 3, 3]
+    else:
+        assert cfg.draft_vocab_size == 256 and cfg.aux_layer_ids == [6]
+    llama = dc.to_llama_config(cfg)
+    assert llama.num_hidden_layers == 1 and llama.head_dim == cfg.head_dim
+    assert llama.rope_parameters == cfg.rope_parameters and llama.attention_bias == cfg.attention_bias
+
+
+def test_draft_vocab_is_capped_by_the_target_vocab():
+    cfg = dc.draft_config_from_target(tiny_target("llama").config, "eagle3", draft_vocab_size=32000)
+    assert cfg.draft_vocab_size == 256
+
+
+@pytest.mark.parametrize("bad", [[2, 3, 7], [-1, 2, 3]])
+def test_aux_layer_id_out_of_range_names_the_id(bad):
+    config = tiny_target("llama").config
+    wrong = [i for i in bad if not 0 <= i <= 6][0]
+    with pytest.raises(ValueError, match=rf"aux layer id {wrong} .*L=6"):
+        dc.draft_config_from_target(config, "eagle3", aux_layer_ids=bad)
+
+
+def test_config_save_load_round_trip_and_errors(tmp_path):
+    cfg = dc.draft_config_from_target(tiny_target("qwen2").config, "eagle3", draft_vocab_size=64)
+    path = dc.save(cfg, tmp_path)
+    assert dc.load(tmp_path) == cfg
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "surprise": 1}))
+    with pytest.raises(ValueError, match="surprise"):
+        dc.load(tmp_path)
+    del data["hidden_size"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="hidden_size"):
+        dc.load(tmp_path)
+
+
+def _inputs(target, cfg, batch=2, length=12, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, cfg.vocab_size, (batch, length), generator=generator)
+    hidden_states, logits = target_outputs(target, ids)
+    positions = torch.arange(length).expand(batch, length)
+    return ids, draft_features(hidden_states, cfg), logits, positions
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("draft_type", ["eagle1", "eagle3"])
+def test_forward_with_cache_equals_full_sequence(family, draft_type):
+    target = tiny_target(family)
+    draft, cfg = tiny_draft(target, draft_type)
+    ids, features, _, positions = _inputs(target, cfg)
+    with torch.no_grad():
+        hidden = draft.project(features)
+        full = draft(ids, hidden, positions)  # [B, T, H]
+        cache, pieces = DraftCache(), []
+        for start, stop in [(0, 5), (5, 6), (6, 9), (9, 12)]:  # a prefill, then single and multi-token chunks
+            s = slice(start, stop)
+            pieces.append(draft(ids[:, s], hidden[:, s], positions[:, s], cache=cache))
+        logits = draft.logits(full)
+    assert len(cache) == 12 and cache.k.shape == (2, 2, 12, cfg.head_dim)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert logits.shape == (2, 12, cfg.draft_vocab_size)
+    target_ids = draft.to_target_ids(logits.argmax(-1))
+    if draft_type == "eagle3":
+        assert draft.t2d[target_ids].all()
+
+
+def test_cache_crop_and_select_match_a_fresh_cache():
+    target = tiny_target("llama")
+    draft, cfg = tiny_draft(target, "eagle3")
+    ids, features, _, positions = _inputs(target, cfg, batch=1, length=8)
+    with torch.no_grad():
+        hidden = draft.project(features)
+        cache = DraftCache()
+        draft(ids, hidden, positions, cache=cache)
+        cache.crop(5)
+        after_crop = draft(ids[:, 5:6], hidden[:, 5:6], positions[:, 5:6], cache=cache)
+        fresh = draft(ids[:, :6], hidden[:, :6], positions[:, :6])[:, 5:6]
+        torch.testing.assert_close(after_crop, fresh, atol=1e-5, rtol=1e-5)
+        k_before = cache.k.clone()
+        cache.select(torch.tensor([0, 2, 5]))
+        torch.testing.assert_close(cache.k, k_before[:, :, [0, 2, 5]])
+        cache.k, cache.v = k_before, k_before.clone()
+        cache.select(torch.tensor([[1, 3]]))
+        torch.testing.assert_close(cache.k, k_before[:, :, [1, 3]])
+
+
+def test_padding_and_tree_masks():
+    """Left padding with a [B, S] mask equals the unpadded row; a 4D mask is used as given."""
+    target = tiny_target("mistral")
+    draft, cfg = tiny_draft(target, "eagle1")
+    ids, features, _, positions = _inputs(target, cfg, batch=1, length=6)
+    with torch.no_grad():
+        plain = draft(ids, features, positions)
+        pad = 3
+        padded_ids = torch.cat([torch.zeros(1, pad, dtype=torch.long), ids], dim=1)
+        padded_features = torch.cat([torch.randn(1, pad, 64), features], dim=1)
+        padded_positions = torch.cat([torch.zeros(1, pad, dtype=torch.long), positions], dim=1)
+        mask = torch.tensor([[0] * pad + [1] * 6])
+        padded = draft(padded_ids, padded_features, padded_positions, attention_mask=mask)
+        torch.testing.assert_close(padded[:, pad:], plain, atol=1e-5, rtol=1e-5)
+        # a tree: nodes 0-1-2 on one branch, 3 a sibling of 1 (sees 0 and itself only)
+        tree = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 1]], dtype=torch.bool)[None, None]
+        out = draft(ids[:, :4], features[:, :4], torch.tensor([[0, 1, 2, 1]]), attention_mask=tree)
+        sibling = draft(ids[:, [0, 3]], features[:, [0, 3]], torch.tensor([[0, 1]]))
+        torch.testing.assert_close(out[:, [0, 3]], sibling, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[:, :3], plain[:, :3], atol=1e-5, rtol=1e-5)
+
+
+def test_from_target_copies_embeddings_and_head():
+    target = tiny_target("llama")
+    draft3, cfg = tiny_draft(target, "eagle3")
+    used = torch.arange(cfg.draft_vocab_size) + draft3.d2t
+    torch.testing.assert_close(draft3.embed_tokens.weight, target.model.embed_tokens.weight)
+    torch.testing.assert_close(draft3.lm_head.weight, target.lm_head.weight[used])
+    assert draft3.t2d.sum() == cfg.draft_vocab_size and draft3.t2d[used].all()
+    draft1, _ = tiny_draft(target, "eagle1")
+    torch.testing.assert_close(draft1.lm_head.weight, target.lm_head.weight)
+    with pytest.raises(ValueError, match="d2t"):
+        Eagle3Draft.from_target(target, cfg)
+
+
+def test_state_dict_names_are_the_serving_names():
+    target = tiny_target("qwen2")  # attention_bias: q/k/v/o biases
+    draft3, _ = tiny_draft(target, "eagle3")
+    attn = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    mid = [f"midlayer.self_attn.{p}.{w}" for p in attn for w in ("weight", "bias")]
+    mid += [f"midlayer.{n}.weight" for n in ("input_layernorm", "hidden_norm", "post_attention_layernorm")]
+    mid += [f"midlayer.mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")]
+    top = {"embed_tokens.weight", "fc.weight", "norm.weight", "lm_head.weight", "d2t", "t2d"}
+    assert set(draft3.state_dict()) == top | set(mid)
+    assert draft3.fc.weight.shape == (64, 192) and draft3.midlayer.self_attn.q_proj.weight.shape == (64, 128)
+    draft1, _ = tiny_draft(tiny_target("llama"), "eagle1")
+    layer = [f"layers.0.self_attn.{p}.weight" for p in attn] + ["layers.0.post_attention_layernorm.weight"]
+    layer += [f"layers.0.mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")]
+    assert set(draft1.state_dict()) == {"embed_tokens.weight", "lm_head.weight", "fc.weight", "fc.bias", *layer}
+
+
+def _check_grads(draft, frozen):
+    trainable = draft.trainable_parameters()
+    assert set(trainable) == {n for n, p in draft.named_parameters() if p.requires_grad}
+    for name, param in draft.named_parameters():
+        if name.split(".")[0] in frozen:
+            assert name not in trainable and param.grad is None, name
+        else:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_gradients_reach_every_trainable_parameter(family):
+    target = tiny_target(family)
+    draft1, cfg1 = tiny_draft(target, "eagle1", seed=2)
+    ids, _, logits, _ = _inputs(target, cfg1, length=10)
+    hidden_states, _ = target_outputs(target, ids)
+    mask = torch.ones_like(ids)
+    loss, _ = eagle1_forward(draft1, ids, draft_features(hidden_states, cfg1), mask, logits, noise_std=0.2)
+    loss.backward()
+    _check_grads(draft1, frozen={"embed_tokens", "lm_head"})
+
+    draft3, cfg3 = tiny_draft(target, "eagle3", seed=3)
+    out = ttt_forward(draft3, ids, draft_features(hidden_states, cfg3), logits, mask, steps=2)
+    out.loss.backward()
+    _check_grads(draft3, frozen={"embed_tokens"})
+    assert "lm_head.weight" in draft3.trainable_parameters()

@@ -1,0 +1,118 @@
+"""The EAGLE losses against hand computations."""
+
+import math
+
+import pytest
+import torch
+
+from baldeagle.train.losses import (
+    eagle1_loss,
+    eagle3_step_loss,
+    eagle3_ttt_loss,
+    feature_noise,
+    soft_cross_entropy,
+    tau_sim,
+)
+
+
+def test_soft_cross_entropy_by_hand():
+    draft = torch.tensor([[1.0, 2.0, 0.0]])
+    p = torch.tensor([[0.2, 0.5, 0.3]])
+    z = math.log(math.e + math.e**2 + 1)
+    expected = -(0.2 * (1 - z) + 0.5 * (2 - z) + 0.3 * (0 - z))
+    assert soft_cross_entropy(draft, p).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_eagle3_loss_renormalises_over_the_draft_vocab_and_drops_oov_argmax():
+    t2d = torch.tensor([True, False, True, True, False])  # draft vocab = target ids 0, 2, 3
+    target = torch.tensor(
+        [
+            [2.0, 0.0, 1.0, 0.0, 0.0],  # argmax 0: in the draft vocab
+            [0.0, 5.0, 1.0, 0.0, 0.0],  # argmax 1: out of the draft vocab → no loss, counted wrong
+            [0.0, 0.0, 0.0, 3.0, 0.0],  # argmax 3: in the draft vocab, but loss_mask 0
+            [0.0, 0.0, 1.0, 0.0, 0.0],  # argmax 2: in
+        ]
+    )
+    loss_mask = torch.tensor([1, 1, 0, 1])
+    draft = torch.tensor(
+        [[3.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 9.0], [0.0, 0.0, 2.0]], requires_grad=True
+    )
+    loss, correct, count = eagle3_step_loss(draft, target, t2d, loss_mask)
+
+    def ce(d, t):  # target restricted to ids 0, 2, 3 and renormalised there
+        p = torch.softmax(torch.tensor(t)[[0, 2, 3]], -1)
+        return -(p * torch.log_softmax(torch.tensor(d), -1)).sum().item()
+
+    expected = (ce([3.0, 0.0, 0.0], [2.0, 0.0, 1.0, 0.0, 0.0]) + ce([0.0, 0.0, 2.0], [0.0, 0.0, 1.0, 0.0, 0.0])) / 3  # / all 3 trained
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    # draft argmax: row 0 → draft 0 = target 0 (right); row 3 → draft 2 = target 3, target says 2 (wrong)
+    assert (int(correct), int(count)) == (1, 3)
+    loss.backward()
+    assert draft.grad[1].abs().sum() == 0 and draft.grad[2].abs().sum() == 0  # OOV and unmasked rows
+    assert draft.grad[0].abs().sum() > 0 and draft.grad[3].abs().sum() > 0
+
+
+def test_eagle3_loss_with_num_items_and_ttt_weights():
+    t2d = torch.ones(4, dtype=torch.bool)
+    target, draft = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    mean, _, _ = eagle3_step_loss(draft, target, t2d, mask)
+    summed, _, _ = eagle3_step_loss(draft, target, t2d, mask, num_items=1)
+    assert summed.item() == pytest.approx(3 * mean.item(), rel=1e-6)
+    ones = [torch.tensor(1.0)] * 3
+    assert eagle3_ttt_loss(ones).item() == pytest.approx(1 + 0.8 + 0.64)
+    assert eagle3_ttt_loss(ones, decay=0.5).item() == pytest.approx(1.75)
+
+
+def test_eagle1_smooth_l1_is_masked_and_matches_hand_computation():
+    pred = torch.tensor([[[0.5, 3.0], [100.0, -100.0], [0.0, 0.0]]])
+    target = torch.zeros(1, 3, 2)
+    logits = torch.zeros(1, 3, 4)
+    mask = torch.tensor([[1, 0, 1]])  # the huge error at position 1 must not count
+    loss, metrics = eagle1_loss(pred, target, logits, logits, mask)
+    l1 = [(0.5 * 0.5**2 + (3.0 - 0.5)) / 2, 0.0]  # SmoothL1 (beta 1) averaged over H, positions 0 and 2
+    ce = math.log(4)  # uniform vs uniform over 4 tokens
+    assert loss.item() == pytest.approx(sum(l1) / 2 + 0.1 * ce, rel=1e-6)
+    assert metrics["l1_sum"].item() == pytest.approx(sum(l1), rel=1e-6)
+    assert int(metrics["count"]) == 2
+
+
+def test_eagle1_cross_entropy_term_carries_gradient():
+    torch.manual_seed(0)
+    hidden = torch.randn(1, 3, 8)
+    draft_logits = torch.randn(1, 3, 5, requires_grad=True)
+    target_logits = torch.randn(1, 3, 5)
+    mask = torch.tensor([[1, 1, 0]])
+    loss, metrics = eagle1_loss(hidden, hidden, draft_logits, target_logits, mask)  # SmoothL1 term is 0
+    loss.backward()
+    p, q = torch.softmax(target_logits, -1), torch.softmax(draft_logits.detach(), -1)
+    expected = 0.1 * (q - p) * mask[..., None] / 2  # d(0.1 · mean CE)/d logits
+    torch.testing.assert_close(draft_logits.grad, expected)
+    assert draft_logits.grad[0, :2].abs().sum() > 0
+    correct = (draft_logits.argmax(-1) == target_logits.argmax(-1))[0, :2].sum()
+    assert int(metrics["correct"]) == int(correct) and int(metrics["count"]) == 2
+
+
+def test_eagle1_regression_term_carries_gradient():
+    pred = torch.randn(1, 2, 4, requires_grad=True)
+    loss, _ = eagle1_loss(pred, torch.zeros(1, 2, 4), torch.zeros(1, 2, 3), torch.zeros(1, 2, 3), torch.ones(1, 2))
+    loss.backward()
+    assert pred.grad.abs().sum() > 0
+
+
+def test_tau_sim():
+    assert tau_sim([]) == 1.0
+    assert tau_sim([1.0, 1.0, 1.0]) == 4.0
+    assert tau_sim([0.5, 0.5]) == pytest.approx(1 + 0.5 + 0.25)
+    assert tau_sim([0.8, 0.0, 1.0]) == pytest.approx(1.8)
+
+
+def test_feature_noise():
+    x = torch.zeros(2, 1024, 8)
+    noisy = feature_noise(x, std=0.2, generator=torch.Generator().manual_seed(0))
+    assert noisy.abs().max() <= 0.2 * 512 / 1024 / 2 + 1e-7  # U(-0.5, 0.5) · 0.2 · 512 / seq_len
+    assert noisy.abs().max() > 0.04 and abs(noisy.mean().item()) < 1e-3
+    assert feature_noise(x, std=0.0) is x
+    assert feature_noise(x, std=0.1, kind="normal").std().item() == pytest.approx(0.1, rel=0.05)
+    with pytest.raises(ValueError):
+        feature_noise(x, kind="laplace")

@@ -1,0 +1,146 @@
+"""Training-time test: the batched unroll equals running the K steps one query at a time through
+the draft's own KV-cache path, row by row, the way decoding would see them."""
+
+import pytest
+import torch
+from tiny_targets import draft_features, target_outputs, tiny_draft, tiny_target
+
+from baldeagle.model.layers import DraftCache
+from baldeagle.train.losses import eagle1_loss, eagle3_step_loss
+from baldeagle.train.ttt import eagle1_forward, shift_left, ttt_forward
+
+
+def stepwise_reference(draft, input_ids, features, target_logits, loss_mask, attention_mask, position_ids, steps):
+    """Per step k: outputs [B, T, H] and (loss, correct, count), one cached forward per (row, step).
+
+    Step 0 is ordinary incremental decoding: token x_{t+1}, feature fc(g_t), one row at a time
+    with a growing cache. Row t of step k ≥ 1 continues from its own cache, which holds the
+    step-0 keys 0..t and its own keys of steps 1..k-1: token x_{t+1+k}, feature = its step-(k-1)
+    output, position t+k. Its logits are scored against the target at t+1+k where x_{t+2+k} is trained.
+    """
+    batch, length = input_ids.shape
+    hidden = draft.project(features)
+    shared, outputs = DraftCache(), []
+    step0 = []
+    for t in range(length):  # step 0, one token at a time
+        ids_t = input_ids[:, t + 1 : t + 2] if t + 1 < length else torch.zeros(batch, 1, dtype=torch.long)
+        step0.append(
+            draft(ids_t, hidden[:, t : t + 1], position_ids[:, t : t + 1], shared, attention_mask[:, : t + 1])
+        )
+    outputs.append(torch.cat(step0, dim=1))
+    row_caches = [DraftCache(shared.k[:, :, : t + 1], shared.v[:, :, : t + 1]) for t in range(length)]
+    for k in range(1, steps):
+        step = []
+        for t in range(length):
+            nxt = t + 1 + k
+            ids_t = input_ids[:, nxt : nxt + 1] if nxt < length else torch.zeros(batch, 1, dtype=torch.long)
+            keys_mask = torch.cat([attention_mask[:, : t + 1], torch.ones(batch, k, dtype=torch.long)], dim=1)
+            previous = outputs[k - 1][:, t : t + 1]
+            step.append(draft(ids_t, previous, position_ids[:, t : t + 1] + k, row_caches[t], keys_mask))
+        outputs.append(torch.cat(step, dim=1))
+
+    losses = []
+    for k, out in enumerate(outputs):
+        rows = [(b, t) for b in range(batch) for t in range(length) if t + 2 + k < length and loss_mask[b, t + 2 + k] and attention_mask[b, t]]
+        draft_logits = torch.stack([draft.logits(out[b, t]) for b, t in rows])
+        targets = torch.stack([target_logits[b, t + 1 + k] for b, t in rows])
+        losses.append(eagle3_step_loss(draft_logits, targets, draft.t2d, torch.ones(len(rows))))
+    return outputs, losses
+
+
+def _batch(family, padding_side, length=11, real=7):
+    """Two rows: one full, one with `length - real` pad tokens on `padding_side`."""
+    target = tiny_target(family)
+    draft, cfg = tiny_draft(target, "eagle3", draft_vocab_size=128, seed=5)
+    generator = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, cfg.vocab_size, (2, length), generator=generator)
+    attention_mask = torch.ones(2, length, dtype=torch.long)
+    pad = slice(real, None) if padding_side == "right" else slice(0, length - real)
+    attention_mask[1, pad] = 0
+    ids[1, pad] = 0
+    loss_mask = ((torch.arange(length) >= 2) & (torch.arange(length) != 6)).long() * attention_mask  # a prompt, a gap
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    hidden_states, logits = target_outputs(target, ids, attention_mask)
+    return draft, ids, draft_features(hidden_states, cfg), logits, loss_mask, attention_mask, position_ids
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_ttt_equals_stepwise_kv_cache_reference(padding_side, impl):
+    steps = 3
+    draft, ids, features, logits, loss_mask, attention_mask, positions = _batch("llama", padding_side)
+    out = ttt_forward(draft, ids, features, logits, loss_mask, steps=steps, attention_mask=attention_mask,
+                      position_ids=positions, impl=impl, return_hidden=True)
+    with torch.no_grad():
+        ref_hidden, ref_losses = stepwise_reference(
+            draft, ids, features, logits, loss_mask, attention_mask, positions, steps
+        )
+    real = attention_mask.bool()
+    for k in range(steps):
+        torch.testing.assert_close(out.hidden[k][real], ref_hidden[k][real], atol=1e-5, rtol=1e-5)
+        loss, correct, count = ref_losses[k]
+        torch.testing.assert_close(out.step_losses[k], loss, atol=1e-5, rtol=1e-5)
+        assert (int(out.correct[k]), int(out.count[k])) == (int(correct), int(count))
+    assert out.count[0] > out.count[2] > 0  # rows run out as the steps shift
+    expected = sum(0.8**k * loss for k, (loss, _, _) in enumerate(ref_losses))
+    torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_ttt_queries_never_see_later_rows():
+    """Changing the features after row 5 leaves every step's rows 0..5 as they were."""
+    draft, ids, features, logits, loss_mask, _, _ = _batch("qwen3", "right", real=11)
+    with torch.no_grad():
+        base = ttt_forward(draft, ids, features, logits, loss_mask, steps=3, return_hidden=True)
+        changed = features.clone()
+        changed[:, 6:] += 1.0  # features after row 5 only
+        moved = ttt_forward(draft, ids, changed, logits, loss_mask, steps=3, return_hidden=True)
+    for k in range(3):
+        torch.testing.assert_close(moved.hidden[k][:, :6], base.hidden[k][:, :6])
+        assert not torch.allclose(moved.hidden[k][:, 6:], base.hidden[k][:, 6:])
+
+
+def test_shift_left():
+    x = torch.tensor([[1, 2, 3, 4]])
+    assert shift_left(x, 1).tolist() == [[2, 3, 4, 0]]
+    assert shift_left(x, 3).tolist() == [[4, 0, 0, 0]]
+
+
+def test_eagle1_step_alignment_by_hand():
+    """Row t reads (x_{t+1}, f_t), is compared with f_{t+1} and the target at t+1, where x_{t+2} is trained."""
+    target = tiny_target("qwen2")
+    draft, cfg = tiny_draft(target, "eagle1", seed=4)
+    ids = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(3))
+    hidden_states, logits = target_outputs(target, ids)
+    features = hidden_states[-1]
+    loss_mask = torch.tensor([[0, 0, 0, 1, 1, 0, 1, 1, 1]])
+    loss, metrics = eagle1_forward(draft, ids, features, loss_mask, logits)
+    with torch.no_grad():
+        out = draft(ids[:, 1:], features[:, :-1], torch.arange(8)[None])  # rows 0..7
+    rows = [t for t in range(7) if loss_mask[0, t + 2]]
+    pred = out[0, rows]
+    expected, by_hand = eagle1_loss(pred, features[0, [t + 1 for t in rows]], draft.logits(pred),
+                                    logits[0, [t + 1 for t in rows]], torch.ones(len(rows)))
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    assert int(metrics["count"]) == len(rows) == 5 and int(metrics["correct"]) == int(by_hand["correct"])
+    # without target logits, the frozen LM head on f_{t+1} gives the same target distribution
+    torch.testing.assert_close(eagle1_forward(draft, ids, features, loss_mask)[0], loss, atol=1e-5, rtol=1e-5)
+
+
+def test_eagle1_left_padding_changes_nothing():
+    target = tiny_target("llama")
+    draft, _ = tiny_draft(target, "eagle1", seed=6)
+    ids = torch.randint(3, 256, (1, 8), generator=torch.Generator().manual_seed(8))
+    loss_mask = torch.tensor([[0, 0, 1, 1, 1, 0, 1, 1]])
+    features = target_outputs(target, ids)[0][-1]
+    plain, plain_metrics = eagle1_forward(draft, ids, features, loss_mask)
+    pad = 3
+    padded_ids = torch.cat([torch.zeros(1, pad, dtype=torch.long), ids], dim=1)
+    attention_mask = torch.tensor([[0] * pad + [1] * 8])
+    padded_features = torch.cat([torch.randn(1, pad, 64), features], dim=1)
+    padded_mask = torch.cat([torch.ones(1, pad, dtype=torch.long), loss_mask], dim=1)  # even a careless mask
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    padded, padded_metrics = eagle1_forward(draft, padded_ids, padded_features, padded_mask,
+                                            attention_mask=attention_mask, position_ids=positions)
+    # the pad rows predict tokens 0..1 of the real sequence; with a careless loss mask they would count
+    assert int(padded_metrics["count"]) == int(plain_metrics["count"])
+    torch.testing.assert_close(padded, plain, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,102 @@
+"""Tiny random Transformers targets built in-process (no files, no network), for unit tests.
+
+Each has hidden 64, 4 heads, 2 KV heads, 6 layers and a 256-token vocabulary, a non-default
+RoPE theta, and one of them (Qwen2) linear RoPE scaling, so a draft config that silently falls
+back to defaults shows up in the tests.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_hidden_layers=6,
+    vocab_size=256,
+    max_position_embeddings=4096,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+TINY_TARGETS = {
+    "llama": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        dict(rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+    ),
+    "qwen2": (
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        dict(
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+            tie_word_embeddings=True,
+        ),
+    ),
+    "qwen3": (
+        Qwen3Config,
+        Qwen3ForCausalLM,
+        dict(head_dim=24, rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+    ),
+    "mistral": (
+        MistralConfig,
+        MistralForCausalLM,
+        dict(rms_norm_eps=1e-5, sliding_window=32, rope_parameters={"rope_type": "default", "rope_theta": 20000.0}),
+    ),
+}
+
+
+def tiny_target(name: str = "llama", seed: int = 0, **overrides):
+    """A frozen tiny random target in eval mode (float32, sdpa attention)."""
+    config_cls, model_cls, extra = TINY_TARGETS[name]
+    config = config_cls(**{**COMMON, **extra, **overrides})
+    config.architectures = [model_cls.__name__]  # as a saved checkpoint's config has
+    torch.manual_seed(seed)
+    model = model_cls(config)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def target_outputs(model, input_ids, attention_mask=None):
+    """(all hidden states, logits) of one target forward without gradients."""
+    with torch.no_grad():
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    return out.hidden_states, out.logits
+
+
+def tiny_draft(target, draft_type: str = "eagle3", draft_vocab_size: int = 64, seed: int = 0, counts=None):
+    """A draft (and its config) for `target`; the EAGLE-3 draft vocab comes from `counts` [V]
+    (default: random counts, so about draft_vocab_size / 256 of the target's tokens are covered)."""
+    from baldeagle.model.draft_config import draft_config_from_target
+    from baldeagle.model.eagle1 import Eagle1Draft
+    from baldeagle.model.eagle3 import Eagle3Draft
+    from baldeagle.model.vocab import build_draft_vocab
+
+    cfg = draft_config_from_target(target.config, draft_type, draft_vocab_size=draft_vocab_size)
+    torch.manual_seed(seed)
+    if draft_type == "eagle1":
+        return Eagle1Draft.from_target(target, cfg), cfg
+    if counts is None:
+        counts = torch.randint(0, 50, (cfg.vocab_size,))
+    d2t, _, _ = build_draft_vocab(counts, cfg.draft_vocab_size)
+    return Eagle3Draft.from_target(target, cfg, d2t=d2t), cfg
+
+
+def draft_features(hidden_states, cfg):
+    """The draft's input features from the target's hidden states: the aux layers, concatenated."""
+    return torch.cat([hidden_states[i] for i in cfg.aux_layer_ids], dim=-1)
