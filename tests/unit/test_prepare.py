@@ -1,0 +1,201 @@
+"""`prepare`: skips by reason, strict mode, atomic output, overwrite, truncation, load_prepared."""
+
+import json
+
+import datasets
+import pytest
+from tiny_chat import CHATML, char_tokenizer, save_tokenizer, trained_runs
+
+from baldeagle import cli
+from baldeagle.config import PrepareConfig
+from baldeagle.data import prepare
+from baldeagle.data.prepare import PrepareError, load_prepared, run_prepare, worker_count
+
+# ChatML that refuses a system message, so one row can fail in the template itself.
+NO_SYSTEM = CHATML.replace(
+    "{% if not messages", "{% if messages and messages[0].role == 'system' %}"
+    "{{ raise_exception('system messages are not supported') }}{% endif %}{% if not messages"
+)
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+GOOD = [user("Hi"), assistant("Hello!"), user("Bye"), assistant("See you.")]
+ROWS = [
+    GOOD,                                                               # 0 kept
+    [user("Only a question")],                                          # 1 no_assistant_turn
+    [user("   "), assistant("x")],                                      # 2 empty_content
+    [user("Hi"), {"role": "tool", "content": "{}"}, assistant("ok")],   # 3 unknown_role
+    [user("Hi"), assistant(None)],                                      # 4 non_string_content
+    [user("Hi"), user("Hi again"), assistant("ok")],                    # 5 consecutive_same_role
+    [user("x" * 300), assistant("late")],                               # 6 too_long
+    [{"role": "system", "content": "Be kind."}, user("Hi"), assistant("ok")],  # 7 template_error
+    [user("One"), assistant("Two")],                                    # 8 kept
+]
+
+
+@pytest.fixture()
+def model(tmp_path):
+    """A char-level tokenizer folder with a template that raises on system messages."""
+    return str(save_tokenizer(char_tokenizer(NO_SYSTEM), tmp_path / "model"))
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps({"messages": row}) + "\n" for row in rows))
+    return str(path)
+
+
+def config(tmp_path, model, rows=ROWS, **kwargs):
+    data = write_rows(tmp_path / "rows.jsonl", rows)
+    return PrepareConfig(model=model, dataset=data, out=str(tmp_path / "out"), max_length=256, **kwargs)
+
+
+def test_bad_rows_are_skipped_and_counted(tmp_path, model, capsys):
+    stats = run_prepare(config(tmp_path, model))
+    assert stats["skipped"] == {
+        "no_assistant_turn": 1, "empty_content": 1, "unknown_role": 1, "non_string_content": 1,
+        "consecutive_same_role": 1, "too_long": 1, "template_error": 1,
+    }
+    assert stats["rows_in"] == 9 and stats["rows_kept"] == 2
+    dataset, saved = load_prepared(tmp_path / "out")
+    assert saved == json.loads((tmp_path / "out" / "stats.json").read_text()) and saved["rows_kept"] == 2
+    assert dataset.column_names == ["input_ids", "loss_mask"]
+    tokenizer = char_tokenizer(NO_SYSTEM)
+    runs = [trained_runs(tokenizer, row["input_ids"], row["loss_mask"]) for row in dataset]
+    assert runs == [["Hello!<|im_end|>", "See you.<|im_end|>"], ["Two<|im_end|>"]]
+    assert stats["tokens"] == sum(len(r["input_ids"]) for r in dataset)
+    assert stats["trained_tokens"] == len("Hello!See you.Two") + 3
+    assert stats["chat_template"] == NO_SYSTEM and len(stats["chat_template_sha256"]) == 64
+    assert stats["model"] == model and stats["tokenizer"] and stats["provenance"]["argv"]
+    assert (tmp_path / "out" / "config.yaml").is_file()
+    assert "prepared 2 of 9 rows" in capsys.readouterr().out
+
+
+def test_strict_names_the_row_and_leaves_nothing(tmp_path, model):
+    with pytest.raises(PrepareError, match="row 1: no_assistant_turn"):
+        run_prepare(config(tmp_path, model, strict=True))
+    rows = [GOOD] * 5 + [[user("Only a question")]] + [GOOD] * 5
+    with pytest.raises(PrepareError, match="row 5: no_assistant_turn"):  # numbered as in the file
+        run_prepare(config(tmp_path, model, rows=rows, strict=True, shuffle=True, seed=4))
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "rows.jsonl"]
+
+
+def test_failure_while_saving_leaves_no_loadable_folder(tmp_path, model, monkeypatch):
+    def half_save(self, path, **kwargs):
+        original(self, path, **kwargs)  # the dataset is written completely...
+        raise OSError("disk full")  # ...then the run dies before stats.json
+
+    original = datasets.Dataset.save_to_disk
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", half_save)
+    with pytest.raises(OSError, match="disk full"):
+        run_prepare(config(tmp_path, model))
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "rows.jsonl"]
+    with pytest.raises(FileNotFoundError):
+        datasets.load_from_disk(str(tmp_path / "out"))
+
+
+def test_overwrite(tmp_path, model):
+    first = run_prepare(config(tmp_path, model, limit=1))
+    assert first["rows_kept"] == 1
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        run_prepare(config(tmp_path, model))
+    assert load_prepared(tmp_path / "out")[1]["rows_kept"] == 1  # untouched
+    second = run_prepare(config(tmp_path, model, overwrite=True))
+    assert second["rows_kept"] == 2 and len(load_prepared(tmp_path / "out")[0]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out", "rows.jsonl"]
+
+
+def test_max_length_keeps_whole_turns_up_to_the_limit(tmp_path, model):
+    cfg = config(tmp_path, model, rows=[GOOD])
+    cfg.max_length = 0
+    full = run_prepare(cfg)
+    row = load_prepared(tmp_path / "out")[0][0]
+    trained = [i for i in range(full["tokens"]) if row["loss_mask"][i]]
+    # Cut 5 tokens into the second answer: the first turn stays whole, the second is cut.
+    cut = trained[len("Hello!") + 1 + 5]
+    cfg.max_length, cfg.overwrite = cut, True
+    stats = run_prepare(cfg)
+    short = load_prepared(tmp_path / "out")[0][0]
+    assert stats["tokens"] == cut == len(short["input_ids"]) == len(short["loss_mask"])
+    assert short["input_ids"] == row["input_ids"][:cut] and short["loss_mask"] == row["loss_mask"][:cut]
+    assert trained_runs(char_tokenizer(NO_SYSTEM), short["input_ids"], short["loss_mask"]) == [
+        "Hello!<|im_end|>", "See y"]
+
+
+def test_nothing_kept_is_an_error(tmp_path, model):
+    with pytest.raises(PrepareError, match="no row could be prepared out of 2.*regenerate"):
+        run_prepare(config(tmp_path, model, rows=[[user("a")], [user("b")]]))
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_chat_template_and_template_file(tmp_path):
+    model = str(save_tokenizer(char_tokenizer(None), tmp_path / "model"))
+    with pytest.raises(ValueError, match="--chat-template FILE"):
+        run_prepare(config(tmp_path, model))
+    template = tmp_path / "chatml.jinja"
+    template.write_text(CHATML)
+    stats = run_prepare(config(tmp_path, model, chat_template=str(template)))
+    assert stats["rows_kept"] == 3 and stats["skipped"]["template_error"] == 0  # CHATML allows system
+
+
+def test_cli_prints_clean_errors(tmp_path, model, capsys):
+    assert cli.main(["prepare", "--model", model, "--dataset", "no-such-dataset", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown dataset 'no-such-dataset'" in capsys.readouterr().err
+    data = write_rows(tmp_path / "rows.jsonl", ROWS)
+    argv = ["prepare", "--model", model, "--dataset", data, "--out", str(tmp_path / "o"), "--strict"]
+    assert cli.main(argv) == 2
+    assert "row 1: no_assistant_turn" in capsys.readouterr().err
+
+
+def test_parallel_tokenising_matches_one_process(tmp_path, model):
+    rows = [[user(f"Question {k}"), assistant(f"Answer {k}")] for k in range(1200)] + [[user("alone")]]
+    one = run_prepare(config(tmp_path, model, rows=rows, num_proc=1))
+    two = run_prepare(config(tmp_path, model, rows=rows, num_proc=2, overwrite=True))
+    for key in ("rows_in", "rows_kept", "tokens", "trained_tokens", "skipped"):
+        assert one[key] == two[key]
+    assert two["rows_kept"] == 1200 and two["skipped"]["no_assistant_turn"] == 1
+
+
+def test_worker_count():
+    assert worker_count(4, 10) == 1  # small datasets: one process
+    assert worker_count(4, 5000) == 4
+    assert worker_count(0, 5000) >= 1
+
+
+def test_load_prepared_validates_the_contract(tmp_path):
+    folder = tmp_path / "bad"
+    mismatched = {"input_ids": [[1, 2], [3, 4, 5]], "loss_mask": [[0, 1], [1, 1]]}
+    datasets.Dataset.from_dict(mismatched).save_to_disk(str(folder))
+    (folder / "stats.json").write_text("{}")
+    with pytest.raises(PrepareError, match="row 1 has 3 input_ids but 2 loss_mask values"):
+        load_prepared(folder)
+    other = tmp_path / "other"
+    datasets.Dataset.from_dict({"input_ids": [[1]]}).save_to_disk(str(other))
+    (other / "stats.json").write_text("{}")
+    with pytest.raises(PrepareError, match=r"missing column\(s\) \['loss_mask'\]"):
+        load_prepared(other)
+    twos = tmp_path / "twos"
+    datasets.Dataset.from_dict({"input_ids": [[1]], "loss_mask": [[2]]}).save_to_disk(str(twos))
+    (twos / "stats.json").write_text("{}")
+    with pytest.raises(PrepareError, match="other than 0 and 1"):
+        load_prepared(twos)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_prepared(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no stats.json"):
+        load_prepared(tmp_path / "empty")
+
+
+def test_check_conversation_reasons_cover_all_names():
+    reasons = {prepare.check_conversation(row)[0] for row in ROWS[1:6]}
+    assert reasons == {"no_assistant_turn", "empty_content", "unknown_role", "non_string_content",
+                       "consecutive_same_role"}
+    assert prepare.check_conversation(GOOD) is None

