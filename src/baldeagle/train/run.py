@@ -169,13 +169,16 @@ def run_train(cfg: TrainConfig) -> dict:
         data_collator=PadCollator(pad_token_id=int(pad), max_length=cfg.max_length),
         features=make_features(cfg, target, draft),
     )
+    # The untrained draft's held-out numbers: the baseline the final evaluation must beat.
+    before = trainer.evaluate() if eval_rows is not None and checkpoint is None else {}
     trainer.train(resume_from_checkpoint=checkpoint)
     metrics = trainer.evaluate() if eval_rows is not None else {}
     if trainer.args.should_save:
         with atomic_dir(Path(cfg.out) / "final", overwrite=True) as tmp:
             save_draft(draft, tmp)
             write_resolved(cfg, tmp)
-            atomic_write_json(tmp / "metrics.json", {"eval": metrics, "log_history": trainer.state.log_history,
+            atomic_write_json(tmp / "metrics.json", {"eval": metrics, "eval_before_training": before,
+                                                    "log_history": trainer.state.log_history,
                                                     "provenance": provenance()})
         print(f"baldeagle: draft written to {Path(cfg.out) / 'final'}")
     return metrics
