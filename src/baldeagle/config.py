@@ -86,6 +86,7 @@ class TrainConfig:
     max_grad_norm: float = _help("gradient clipping", default=0.5)
     num_train_epochs: float = _help("epochs over the prepared data", default=1.0)
     max_steps: int = _help("stop after this many optimizer steps (-1 = use epochs)", default=-1)
+    max_minutes: float = _help("stop (and save) after this much training time (0 = no limit)", default=0.0)
     per_device_train_batch_size: int = _help("rows per device per step", default=1)
     gradient_accumulation_steps: int = _help("micro-batches per optimizer step", default=1)
     logging_steps: int = _help("log metrics every N steps", default=10)

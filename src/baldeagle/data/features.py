@@ -16,11 +16,28 @@ import torch
 from torch import nn
 
 
+class TargetLogits:
+    """The target's next-token logits, computed only where they are indexed.
+
+    Training needs them at trained positions only (often a third of a chat row), and the LM head
+    is a large share of a small target's forward, so `logits[b_idx, p_idx]` runs the head on just
+    those rows: shape [N, V]. Indexing works like a [B, T, V] tensor's first two dimensions.
+    """
+
+    def __init__(self, last_hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.last_hidden, self.weight, self.bias = last_hidden, weight, bias  # [B, T, H], [V, H], [V]
+
+    @torch.no_grad()
+    def __getitem__(self, index) -> torch.Tensor:
+        hidden = self.last_hidden[index].to(self.weight.dtype)
+        return nn.functional.linear(hidden, self.weight, self.bias).float()
+
+
 @dataclass
 class TargetFeatures:
     features: torch.Tensor  # shape: [B, T, H] (eagle1) or [B, T, 3H] (eagle3)
     last_hidden: torch.Tensor  # shape: [B, T, H], after the final norm (the LM head's input)
-    logits: torch.Tensor  # shape: [B, T, V], the target's next-token logits
+    logits: TargetLogits | torch.Tensor  # indexable like [B, T, V]: the target's next-token logits
 
 
 class OnlineFeatures:
@@ -33,13 +50,15 @@ class OnlineFeatures:
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, torch.Tensor]) -> TargetFeatures:
-        out = self.target(
+        # The base model (no LM head): the head runs later, at trained positions only.
+        out = self.target.base_model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
         )
         hidden = out.hidden_states  # L+1 tensors; [i] is the input of layer i, [-1] is after the norm
-        last = hidden[-1]
+        last = hidden[-1].float()
         if self.draft_type == "eagle3":
-            features = torch.cat([hidden[i] for i in self.aux_layer_ids], dim=-1)
+            features = torch.cat([hidden[i] for i in self.aux_layer_ids], dim=-1).float()
         else:
             features = last
-        return TargetFeatures(features=features.float(), last_hidden=last.float(), logits=out.logits.float())
+        head = self.target.get_output_embeddings()
+        return TargetFeatures(features=features, last_hidden=last, logits=TargetLogits(last, head.weight, head.bias))

@@ -26,7 +26,7 @@ from baldeagle.model.vocab import build_draft_vocab, count_trained_tokens
 from baldeagle.targets import load_target
 from baldeagle.train.collate import PadCollator, add_length_column
 from baldeagle.train.objective import DraftObjective
-from baldeagle.train.trainer import EagleTrainer
+from baldeagle.train.trainer import EagleTrainer, TimeBudget
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -168,6 +168,7 @@ def run_train(cfg: TrainConfig) -> dict:
         eval_dataset=eval_rows,
         data_collator=PadCollator(pad_token_id=int(pad), max_length=cfg.max_length),
         features=make_features(cfg, target, draft),
+        callbacks=[TimeBudget(cfg.max_minutes)] if cfg.max_minutes > 0 else None,
     )
     # The untrained draft's held-out numbers: the baseline the final evaluation must beat.
     before = trainer.evaluate() if eval_rows is not None and checkpoint is None else {}

@@ -10,10 +10,11 @@ DeepSpeed through accelerate, reporters) is the Trainer's own.
 from __future__ import annotations
 
 import math
+import time
 from collections import defaultdict
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from baldeagle.model.checkpoint import load_draft, save_draft
 from baldeagle.train.losses import tau_sim
@@ -104,3 +105,20 @@ class EagleTrainer(Trainer):
         objective = self.accelerator.unwrap_model(model or self.model)
         saved = load_draft(resume_from_checkpoint, expected_type=objective.draft.config.draft_type)
         objective.draft.load_state_dict(saved.state_dict())
+
+
+class TimeBudget(TrainerCallback):
+    """Stops training (with a final save) once `minutes` of training time have passed."""
+
+    def __init__(self, minutes: float):
+        self.seconds = minutes * 60
+        self.start = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.monotonic() - self.start > self.seconds:
+            control.should_training_stop = True
+            control.should_save = True
+        return control

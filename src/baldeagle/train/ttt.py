@@ -127,8 +127,8 @@ def ttt_forward(
     # Target position p = t+1+k is trained iff x_{p+1} is: the same positions at every step.
     trained = shift_left(loss_mask, 1).bool()
     b_idx, p_idx = trained.nonzero(as_tuple=True)  # [N]
-    target_probs, target_argmax = draft_vocab_targets(target_logits, draft.t2d)  # [B, T, Vd], [B, T]
-    target_probs, target_argmax = target_probs[b_idx, p_idx], target_argmax[b_idx, p_idx]  # [N, Vd], [N]
+    # Only trained positions are gathered (target_logits may compute lazily, see TargetLogits).
+    target_probs, target_argmax = draft_vocab_targets(target_logits[b_idx, p_idx], draft.t2d)  # [N, Vd], [N]
 
     real = attention_mask.bool() if attention_mask is not None else None  # [B, T]
     cache = TTTCache(attention_mask, impl)
