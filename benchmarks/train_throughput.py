@@ -113,7 +113,7 @@ def summarise(name: str, times: list[float], trained: list[int], seq_len: int) -
         "name": name,
         "median_step_s": step,
         "steps_per_s": 1.0 / step,
-        "tokens_per_s": seq_len / step,
+        "plain_tokens_per_s": seq_len / step,
         "trained_tokens_per_s": statistics.median(t / s for t, s in zip(trained, times)),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -156,7 +156,7 @@ def report(args, results: dict) -> None:
 
     rows = []
     for side in ("baldeagle", "speculators"):
-        rows.append((side, med(side, "trained_tokens_per_s"), med(side, "tokens_per_s"),
+        rows.append((side, med(side, "trained_tokens_per_s"), med(side, "plain_tokens_per_s"),
                      med(side, "steps_per_s"), max(r["peak_rss_mib"] for r in results[side])))
     ratio = rows[0][1] / rows[1][1]
     print(f"\nseq_len={args.seq_len} ttt_steps={args.ttt_steps} draft_vocab={args.draft_vocab} "

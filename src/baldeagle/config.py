@@ -149,9 +149,11 @@ class QuickstartConfig:
     model: str = _help("target: packaged name (smollm2), local folder or hub id", default="smollm2")
     dataset: str = _help("conversations to train on", default="chitchat")
     out: str = _help("root folder for every stage's output", default="runs/quickstart")
-    limit: int = _help("conversations to use", default=400)
+    limit: int = _help("conversations to read (rows without an answer are skipped)", default=1200)
     max_length: int = _help("truncate rows to this many tokens", default=512)
-    overwrite: bool = _help("replace existing outputs", default=True)
+    train_minutes: float = _help("training time budget", default=12.0)
+    eval_prompts: int = _help("MT-bench questions to evaluate on (first turns)", default=10)
+    max_new_tokens: int = _help("new tokens per evaluated answer", default=96)
 
 
 STAGES: dict[str, type] = {
