@@ -102,3 +102,31 @@ def test_non_finite_loss_names_the_step(workspace):
                  training_args={"train_sampling_strategy": "sequential", "adam_epsilon": 1e-30})
     with pytest.raises(FloatingPointError, match=r"at step \d+ on a batch of rows"):
         run_train(cfg)
+
+
+@pytest.mark.parametrize("draft_type", ["eagle3", "eagle1"])
+def test_offline_store_gives_the_same_first_losses_as_online(workspace, draft_type):
+    from baldeagle.config import FeaturesConfig
+    from baldeagle.data.store import run_features
+
+    store = workspace["root"] / f"store-{draft_type}"
+    run_features(FeaturesConfig(model=workspace["model"], data=workspace["data"], out=str(store),
+                                draft_type=draft_type, max_length=64, batch_tokens=256, shard_tokens=512))
+    common = dict(draft_type=draft_type, max_steps=3, eval_fraction=0.0, feature_noise=0.0)
+    run_train(config(workspace, f"online-{draft_type}", **common))
+    run_train(config(workspace, f"offline-{draft_type}", mode="offline", features=str(store), **common))
+    online, offline = losses(workspace["root"] / f"online-{draft_type}"), losses(workspace["root"] / f"offline-{draft_type}")
+    assert sorted(online) == sorted(offline) == [1, 2, 3]
+    for step in online:  # the store holds bf16 features: agreement to bf16 precision, not bit-exact
+        assert offline[step] == pytest.approx(online[step], rel=2e-2), (step, online, offline)
+
+
+def test_offline_store_must_cover_max_length(workspace):
+    from baldeagle.config import FeaturesConfig
+    from baldeagle.data.store import run_features
+
+    store = workspace["root"] / "store-short"
+    run_features(FeaturesConfig(model=workspace["model"], data=workspace["data"], out=str(store),
+                                draft_type="eagle3", max_length=32))
+    with pytest.raises(ValueError, match="exceeds the store's max_length"):
+        run_train(config(workspace, "offline-short", mode="offline", features=str(store)))

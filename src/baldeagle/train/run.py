@@ -101,8 +101,11 @@ def resume_checkpoint(cfg: TrainConfig) -> str | None:
     return None
 
 
-def split_rows(dataset, cfg: TrainConfig):
+def split_rows(dataset, cfg: TrainConfig, stored_rows: list[int] | None = None):
+    """Tag rows with their prepared-data index, keep those in the store (offline), hold out eval rows."""
     dataset = dataset.add_column("row_index", np.arange(len(dataset), dtype=np.int64))
+    if stored_rows is not None:
+        dataset = dataset.select(sorted(stored_rows))
     dataset = add_length_column(dataset)
     if cfg.eval_fraction <= 0 or len(dataset) < 2:
         return dataset, None
@@ -140,13 +143,28 @@ def build_draft(cfg: TrainConfig, target, train_rows, checkpoint: str | None):
     return DRAFT_CLASSES[cfg.draft_type].from_target(target, draft_cfg, d2t=d2t)
 
 
-def make_features(cfg: TrainConfig, target, draft):
-    if cfg.mode == "online":
-        return OnlineFeatures(target, cfg.draft_type, draft.config.aux_layer_ids)
-    from baldeagle.data.store_reader import OfflineFeatures, FeatureStore
+def open_store(cfg: TrainConfig, target):
+    """The offline feature store, checked against this target, draft type and max_length."""
+    from baldeagle.data.store_reader import FeatureStore
 
-    head = target.get_output_embeddings().weight
-    return OfflineFeatures(FeatureStore(cfg.features), head, cfg.draft_type)
+    store = FeatureStore(cfg.features)
+    aux = cfg.aux_layer_ids or None
+    if aux is None:
+        aux = draft_config_from_target(target.config, cfg.draft_type, cfg.draft_vocab_size).aux_layer_ids
+    store.validate_for(cfg.draft_type, target.config, aux)
+    if cfg.max_length > store.manifest["max_length"]:
+        raise ValueError(f"max_length={cfg.max_length} exceeds the store's max_length "
+                         f"{store.manifest['max_length']} ({cfg.features})")
+    return store
+
+
+def make_features(cfg: TrainConfig, target, draft, store=None):
+    if store is None:
+        return OnlineFeatures(target, cfg.draft_type, draft.config.aux_layer_ids)
+    from baldeagle.data.store_reader import OfflineFeatures
+
+    # Offline, only the target's LM head is needed during training (logits at trained positions).
+    return OfflineFeatures(store, target.get_output_embeddings().weight.detach().clone(), cfg.draft_type)
 
 
 def run_train(cfg: TrainConfig) -> dict:
@@ -155,19 +173,24 @@ def run_train(cfg: TrainConfig) -> dict:
     dataset, stats = load_prepared(cfg.data)
     target = load_target(cfg.model, DTYPES[cfg.target_dtype], cfg.trust_remote_code)
     check_target_fits(dataset, stats, target, cfg.data)
-    train_rows, eval_rows = split_rows(dataset, cfg)
+    pad = target.config.pad_token_id if target.config.pad_token_id is not None else 0
+    store = open_store(cfg, target) if cfg.mode == "offline" else None
+    train_rows, eval_rows = split_rows(dataset, cfg, store.row_indices if store else None)
     set_seed(cfg.seed)  # the draft's initial weights are the same in every process and every run
     draft = build_draft(cfg, target, train_rows, checkpoint)
     args = training_arguments(cfg)
-    target.to(args.device)
-    pad = target.config.pad_token_id if target.config.pad_token_id is not None else 0
+    features = make_features(cfg, target, draft, store)
+    if store is None:
+        target.to(args.device)
+    else:
+        del target  # offline: the store replaces the target's forward; free its memory
     trainer = EagleTrainer(
         model=DraftObjective(draft, cfg.ttt_steps, cfg.feature_noise),
         args=args,
         train_dataset=train_rows,
         eval_dataset=eval_rows,
         data_collator=PadCollator(pad_token_id=int(pad), max_length=cfg.max_length),
-        features=make_features(cfg, target, draft),
+        features=features,
         callbacks=[TimeBudget(cfg.max_minutes)] if cfg.max_minutes > 0 else None,
     )
     # The untrained draft's held-out numbers: the baseline the final evaluation must beat.
