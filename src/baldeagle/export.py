@@ -1,0 +1,408 @@
+"""`baldeagle export`: a draft folder → exactly what SGLang, vLLM or a bare `vllm serve` loads.
+
+Formats (the engine contracts, with the source they were read from, are in `export_check`):
+- sglang:      EAGLE-1 `LlamaForCausalLMEagle` / EAGLE-3 `LlamaForCausalLMEagle3` with SGLang's
+               aux-layer convention in `eagle_config` (id = hidden_states index − 1).
+- vllm:        EAGLE-1 `LlamaForCausalLM` (vLLM prefixes "Eagle"; fc.bias folded into the draft's
+               own embedding) / EAGLE-3 `LlamaForCausalLMEagle3` with top-level
+               `eagle_aux_hidden_state_layer_ids` (id = hidden_states index, as given).
+- speculators: EAGLE-3 only; `speculators_model_type: eagle3` + `transformer_layer_config` +
+               `speculators_config` naming the verifier, so `vllm serve DIR` needs nothing else.
+
+The aux-layer conventions differ by one between SGLang and vLLM, and vLLM also reads
+`eagle_config`: one folder cannot serve both correctly, so each format writes only its own field.
+Every export is validated by `check_export` before it is published (atomically).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from baldeagle.config import ExportConfig
+from baldeagle.export_check import (
+    EXPORT_INFO,
+    WEIGHTS,
+    check_export,
+    describe,
+    from_engine_aux_ids,
+    read_folder,
+    to_engine_aux_ids,
+)
+from baldeagle.io import atomic_dir, provenance
+from baldeagle.model.checkpoint import build_draft, load_draft
+from baldeagle.model.draft_config import DraftConfig
+from baldeagle.targets import DEFAULT_TARGET, default_aux_layers, resolve_model
+
+FORMATS = ("sglang", "vllm", "speculators")
+SPECULATORS_SCHEMA = "0.9.0"  # the speculators release whose config schema this writes
+
+
+# ------------------------------------------------------------------------------------------
+# Export
+# ------------------------------------------------------------------------------------------
+
+
+def target_config_or_none(name: str):
+    """The target's Transformers config when it can be had offline (packaged, local, or cached)."""
+    if not name:
+        return None
+    from transformers import AutoConfig
+
+    try:
+        if name == DEFAULT_TARGET or Path(name).expanduser().exists():
+            return AutoConfig.from_pretrained(resolve_model(name))
+        return AutoConfig.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+
+
+def _check_vocab(draft) -> None:
+    """Refuse a draft whose d2t / t2d disagree (engines would emit the wrong target tokens)."""
+    d2t, t2d = draft.d2t.long().cpu(), draft.t2d.bool().cpu()
+    target = torch.arange(d2t.numel()) + d2t
+    vocab = draft.config.vocab_size
+    if (target < 0).any() or (target >= vocab).any():
+        raise ValueError(f"inconsistent vocab mapping: d2t sends draft ids outside [0, {vocab})")
+    if target.unique().numel() != target.numel():
+        raise ValueError("inconsistent vocab mapping: d2t maps several draft ids onto the same target id")
+    if int(t2d.sum()) != target.numel() or not bool(t2d[target].all()):
+        raise ValueError("inconsistent vocab mapping: t2d does not mark exactly the target ids d2t maps to")
+
+
+def _fold_fc_bias(weight: torch.Tensor, bias: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
+    """vLLM's EAGLE-1 fc has no bias: fc([e; f]) + b = W_e (e + δ) + W_f f with W_e δ = b. Returns e + δ."""
+    hidden = embed.shape[1]
+    w_e = weight[:, :hidden].double()  # [H, H], the block that multiplies the embedding
+    delta = torch.linalg.solve(w_e, bias.double())
+    error = float((w_e @ delta - bias.double()).norm() / bias.double().norm().clamp(min=1e-30))
+    if not torch.isfinite(delta).all() or error > 1e-6:
+        raise ValueError(f"cannot fold fc.bias for vLLM: fc's embedding block is (nearly) singular (error {error:.1e})")
+    return (embed.double() + delta).to(embed.dtype)
+
+
+def exported_tensors(draft, fmt: str, embeddings: bool = False, aux_order: list[int] | None = None) -> dict:
+    """The draft's state dict under the names (and in the form) the engine of `fmt` loads."""
+    cfg = draft.config
+    state = {k: v.detach().cpu() for k, v in draft.state_dict().items()}
+    out = {}
+    if cfg.draft_type == "eagle3":
+        fc = state["fc.weight"]  # [H, 3H]: one column block per aux layer, in aux_layer_ids order
+        if aux_order is not None:
+            blocks = fc.chunk(len(aux_order), dim=1)
+            fc = torch.cat([blocks[i] for i in aux_order], dim=1)
+        out["fc.weight"] = fc
+        prefix = "layers.0." if fmt == "speculators" else "midlayer."
+        out.update({prefix + k[len("midlayer."):]: v for k, v in state.items() if k.startswith("midlayer.")})
+        out["norm.weight"], out["lm_head.weight"] = state["norm.weight"], state["lm_head.weight"]
+        if cfg.draft_vocab_size != cfg.vocab_size:  # a full vocabulary needs (and in vLLM allows) no mapping
+            out["d2t"], out["t2d"] = state["d2t"].long(), state["t2d"].bool()
+        if embeddings:
+            out["embed_tokens.weight"] = state["embed_tokens.weight"]
+        return out
+    out.update({k: v for k, v in state.items() if k.startswith("layers.0.")})
+    out["fc.weight"] = state["fc.weight"]
+    if fmt == "vllm":
+        if bool(state["fc.bias"].any()):
+            out["embed_tokens.weight"] = _fold_fc_bias(state["fc.weight"], state["fc.bias"], state["embed_tokens.weight"])
+        elif embeddings:
+            out["embed_tokens.weight"] = state["embed_tokens.weight"]
+    else:
+        out["fc.bias"] = state["fc.bias"]
+        if embeddings:
+            out["embed_tokens.weight"] = state["embed_tokens.weight"]
+    return out
+
+
+def _layer_fields(cfg: DraftConfig, dtype: str, max_positions: int) -> dict:
+    """LlamaConfig fields of the one-layer draft; RoPE both as Transformers 5 `rope_parameters` and
+    as the older `rope_theta` / `rope_scaling` that engines on Transformers 4 read."""
+    rope = dict(cfg.rope_parameters)
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return {
+        "model_type": "llama",
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": 1,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": cfg.hidden_act,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "max_position_embeddings": max_positions,
+        "vocab_size": cfg.vocab_size,
+        "attention_bias": cfg.attention_bias,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,  # the engines take embedding/head from the target or the file
+        "rope_theta": float(rope.get("rope_theta", 10000.0)),
+        "rope_scaling": scaling if scaling.get("rope_type", "default") != "default" else None,
+        "rope_parameters": rope,
+        "pad_token_id": cfg.pad_token_id,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "torch_dtype": dtype,
+        "dtype": dtype,
+    }
+
+
+def exported_config(cfg: DraftConfig, fmt: str, dtype: str, max_positions: int, target: str,
+                    engine_aux_ids: list[int], num_speculative_tokens: int = 3) -> dict:
+    layer = _layer_fields(cfg, dtype, max_positions)
+    if cfg.draft_type == "eagle1":
+        arch = "LlamaForCausalLMEagle" if fmt == "sglang" else "LlamaForCausalLM"  # vLLM renames it EagleLlama...
+        return {"architectures": [arch], **layer}
+    if fmt == "speculators":
+        return {
+            "architectures": ["Eagle3DraftModel"],
+            "speculators_model_type": "eagle3",
+            "speculators_version": SPECULATORS_SCHEMA,
+            "transformer_layer_config": layer,
+            "draft_vocab_size": cfg.draft_vocab_size,
+            "eagle_aux_hidden_state_layer_ids": engine_aux_ids,
+            "norm_before_residual": False,  # vLLM assumes True when absent; BaldEagle's residual is un-normed
+            "norm_before_fc": False,
+            "fc_norm": False,
+            "norm_output": False,
+            "target_hidden_size": None,
+            "tie_word_embeddings": False,
+            "dtype": dtype,
+            "speculators_config": {
+                "algorithm": "eagle3",
+                "default_proposal_method": "greedy",
+                "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": num_speculative_tokens,
+                                      "verifier_accept_k": 1, "accept_tolerance": 0.0}],
+                "verifier": {"name_or_path": target, "architectures": [cfg.target_architecture or "LlamaForCausalLM"]},
+            },
+        }
+    config = {"architectures": ["LlamaForCausalLMEagle3"], **layer, "draft_vocab_size": cfg.draft_vocab_size,
+              "norm_before_residual": False}
+    if fmt == "sglang":
+        config["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": engine_aux_ids, "use_aux_hidden_state": True}
+    else:
+        config["eagle_aux_hidden_state_layer_ids"] = engine_aux_ids
+    return config
+
+
+def export_draft(draft, out: str | Path, fmt: str, target: str = "", target_config=None, dtype: str = "",
+                 embeddings: bool = False, overwrite: bool = False, num_speculative_tokens: int = 3) -> Path:
+    """Write `draft` to `out` in format `fmt`; returns the folder. Raises ValueError on refusal."""
+    cfg = draft.config
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if fmt == "speculators" and cfg.draft_type != "eagle3":
+        raise ValueError("the speculators format holds EAGLE-3 drafts only; export EAGLE-1 as sglang or vllm")
+    target = target or cfg.target_model
+    if not target:
+        raise ValueError("the draft records no target model (draft_config.json target_model is empty): "
+                         "pass --model with the target it was trained for")
+    if dtype and dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+
+    target_layers = cfg.target_num_layers
+    target_positions = None
+    if target_config is not None:
+        text = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
+        target_layers, target_positions = int(text.num_hidden_layers), int(text.max_position_embeddings)
+        if target_layers != cfg.target_num_layers:
+            raise ValueError(f"the draft was built for a {cfg.target_num_layers}-layer target, {target} has {target_layers}")
+    max_positions = max(cfg.max_position_embeddings, target_positions or 0)
+
+    aux_order, engine_ids = None, []
+    if cfg.draft_type == "eagle3":
+        _check_vocab(draft)
+        ids = list(cfg.aux_layer_ids)
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"aux layer ids {ids} repeat a layer: engines capture each layer once")
+        if max(ids) >= target_layers:
+            raise ValueError(f"aux layer id {max(ids)} is the target's final (normed) output, which no engine "
+                             "captures as an aux hidden state")
+        aux_order = sorted(range(len(ids)), key=ids.__getitem__)  # engines concatenate in layer order
+        engine_ids = to_engine_aux_ids([ids[i] for i in aux_order], "sglang" if fmt == "sglang" else "vllm")
+
+    tensors = exported_tensors(draft, fmt, embeddings, aux_order)
+    weight_dtype = getattr(torch, dtype) if dtype else draft.fc.weight.dtype
+    tensors = {k: (v.to(weight_dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
+    dtype_name = str(weight_dtype).removeprefix("torch.")
+    config = exported_config(cfg, fmt, dtype_name, max_positions, target, engine_ids, num_speculative_tokens)
+    info = {
+        "format": fmt,
+        "draft_type": cfg.draft_type,
+        "target_model": target,
+        "target_num_layers": target_layers,
+        "target_max_position_embeddings": target_positions or cfg.max_position_embeddings,
+        "aux_layer_ids_hidden_states": sorted(cfg.aux_layer_ids) if cfg.draft_type == "eagle3" else [],
+        "engine_aux_layer_ids": engine_ids,
+        "aux_convention": ("sglang: id i = output of layer i = hidden_states[i + 1]" if fmt == "sglang" else
+                           "vllm: id i = input of layer i = hidden_states[i]") if engine_ids else "",
+        "embeddings_included": "embed_tokens.weight" in tensors,
+        "fc_bias_folded_into_embeddings": cfg.draft_type == "eagle1" and fmt == "vllm" and bool(draft.fc.bias.any()),
+        "draft_config": dataclasses.asdict(cfg),
+        "provenance": provenance(),
+    }
+    with atomic_dir(out, overwrite=out.exists()) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        os.chmod(tmp / WEIGHTS, (tmp / "config.json").stat().st_mode & 0o777)  # safetensors writes 0600
+        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        (tmp / "README.md").write_text(serving_readme(cfg, fmt, out.resolve(), target, num_speculative_tokens))
+        problems = check_export(tmp, target_config)
+        if problems:  # never publish a folder an engine would reject or misread
+            raise ValueError("export failed its own contract check:\n  " + "\n  ".join(problems))
+    return out
+
+
+def serving_readme(cfg: DraftConfig, fmt: str, folder: Path, target: str, k: int) -> str:
+    kind = "EAGLE-3" if cfg.draft_type == "eagle3" else "EAGLE-1"
+    method = "eagle3" if cfg.draft_type == "eagle3" else "eagle"
+    lines = [f"# {kind} draft for {target}", "", f"Exported by BaldEagle in the **{fmt}** format.", ""]
+    if fmt == "sglang":
+        algorithm = "EAGLE3" if cfg.draft_type == "eagle3" else "EAGLE"
+        lines += ["## SGLang", "", "```bash",
+                  f"python -m sglang.launch_server --model-path {target} \\",
+                  f"    --speculative-algorithm {algorithm} --speculative-draft-model-path {folder} \\",
+                  f"    --speculative-num-steps {k} --speculative-eagle-topk 1 --speculative-num-draft-tokens {k + 1}",
+                  "```", "",
+                  "A draft tree (EAGLE-2) instead of a chain: e.g. `--speculative-num-steps 5 --speculative-eagle-topk 8 "
+                  "--speculative-num-draft-tokens 32`.", "",
+                  "This folder writes aux-layer ids in SGLang's convention; for vLLM export with `--format vllm`."]
+    else:
+        spec = json.dumps({"method": method, "model": str(folder), "num_speculative_tokens": k})
+        lines += ["## vLLM", "", "```bash"]
+        if fmt == "speculators":
+            lines += [f"vllm serve {folder}", "```", "",
+                      "vLLM reads the target (the verifier) and k from config.json. The explicit form:", "", "```bash"]
+        lines += [f"vllm serve {target} --speculative-config '{spec}'", "```", "", "Offline:", "", "```python",
+                  "from vllm import LLM, SamplingParams",
+                  f"llm = LLM(model={target!r}, speculative_config={spec})",
+                  "print(llm.generate(['Hello'], SamplingParams(temperature=0, max_tokens=64))[0].outputs[0].text)",
+                  "```"]
+        if fmt == "vllm":
+            lines += ["", "This folder writes aux-layer ids in vLLM's convention; for SGLang export with `--format sglang`."]
+    lines += ["", f"Check it: `baldeagle export --check {folder}`.", ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# Back into BaldEagle
+# ------------------------------------------------------------------------------------------
+
+
+def _rope_from(layer: dict) -> dict:
+    if layer.get("rope_parameters"):
+        return dict(layer["rope_parameters"])
+    rope = dict(layer.get("rope_scaling") or {})
+    rope.setdefault("rope_type", rope.pop("type", "default"))
+    rope["rope_theta"] = float(layer.get("rope_theta", 10000.0))
+    return rope
+
+
+def load_exported(folder: str | Path, target=None, device: str | torch.device = "cpu"):
+    """An exported folder (any format) → a BaldEagle draft computing the same logits.
+
+    `target`: the target model (or its name) to take the embedding and, for EAGLE-1, the LM head
+    from when the folder does not hold them; by default the target recorded in the folder.
+    """
+    folder = Path(folder)
+    config, info, _ = read_folder(folder)
+    described = describe(config, info)
+    kind, layer = described["kind"], described["layer"]
+    if kind not in ("eagle1", "eagle3"):
+        raise ValueError(f"{folder} holds no EAGLE draft an engine loads")
+    target_name = info.get("target_model") or ((config.get("speculators_config") or {}).get("verifier") or {}).get("name_or_path", "")
+    layers = info.get("target_num_layers")
+    if not layers:
+        target_config = getattr(target, "config", None) or target_config_or_none(target if isinstance(target, str) else target_name)
+        if target_config is None:
+            raise ValueError(f"{folder}: the target's layer count is unknown; pass the target")
+        layers = target_config.get_text_config().num_hidden_layers
+    engine_ids = described["aux_ids"]
+    aux = (from_engine_aux_ids(engine_ids, described["convention"]) if engine_ids else default_aux_layers(layers)) \
+        if kind == "eagle3" else [layers]
+    vocab = int(layer["vocab_size"])
+    recorded = info.get("draft_config", {})
+    cfg = DraftConfig(
+        draft_type=kind, hidden_size=int(layer["hidden_size"]), intermediate_size=int(layer["intermediate_size"]),
+        num_attention_heads=int(layer["num_attention_heads"]), num_key_value_heads=int(layer["num_key_value_heads"]),
+        head_dim=int(layer.get("head_dim") or layer["hidden_size"] // layer["num_attention_heads"]),
+        rms_norm_eps=float(layer["rms_norm_eps"]), rope_parameters=_rope_from(layer),
+        max_position_embeddings=int(layer["max_position_embeddings"]), vocab_size=vocab,
+        draft_vocab_size=int(layer.get("draft_vocab_size") or config.get("draft_vocab_size") or vocab),
+        aux_layer_ids=aux, target_num_layers=int(layers), hidden_act=layer.get("hidden_act", "silu"),
+        attention_bias=bool(layer.get("attention_bias", False)),
+        tie_word_embeddings=bool(recorded.get("tie_word_embeddings", False)),
+        pad_token_id=layer.get("pad_token_id"), bos_token_id=layer.get("bos_token_id"),
+        eos_token_id=layer.get("eos_token_id"),
+        torch_dtype=str(layer.get("torch_dtype") or config.get("dtype") or "float32"),
+        target_model=target_name, target_architecture=recorded.get("target_architecture", ""),
+    )
+    state = load_file(str(folder / WEIGHTS))
+    state = {("midlayer." + k[len("layers.0."):] if kind == "eagle3" and k.startswith("layers.0.") else k): v
+             for k, v in state.items()}
+    dtype = state["fc.weight"].dtype
+    if kind == "eagle3" and "d2t" not in state:  # full vocabulary: the identity mapping
+        state["d2t"] = torch.zeros(cfg.draft_vocab_size, dtype=torch.long)
+    if kind == "eagle3" and "t2d" not in state:
+        state["t2d"] = torch.zeros(vocab, dtype=torch.bool)
+        state["t2d"][torch.arange(cfg.draft_vocab_size) + state["d2t"]] = True
+    if kind == "eagle1" and "fc.bias" not in state:  # vLLM: folded into the embedding
+        state["fc.bias"] = torch.zeros(cfg.hidden_size, dtype=dtype)
+    needs = ["embed_tokens.weight"] + (["lm_head.weight"] if kind == "eagle1" else [])
+    if any(name not in state for name in needs):
+        if target is None or isinstance(target, str):
+            from baldeagle.targets import load_target
+
+            target = load_target(target or target_name)
+        if "embed_tokens.weight" not in state:
+            state["embed_tokens.weight"] = target.get_input_embeddings().weight.detach().to("cpu", dtype)
+        if kind == "eagle1" and "lm_head.weight" not in state:
+            state["lm_head.weight"] = target.get_output_embeddings().weight.detach().to("cpu", dtype)
+    draft = build_draft(cfg)
+    draft.load_state_dict(state, strict=True)
+    draft.freeze_target_copies()
+    return draft.to(device=device, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# Stage
+# ------------------------------------------------------------------------------------------
+
+
+def recorded_target(folder: str | Path) -> str:
+    """The target an exported folder names (BaldEagle's record, or the speculators verifier), or ""."""
+    folder = Path(folder)
+    try:
+        if (folder / EXPORT_INFO).is_file():
+            return json.loads((folder / EXPORT_INFO).read_text()).get("target_model", "")
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    return ((config.get("speculators_config") or {}).get("verifier") or {}).get("name_or_path") or ""
+
+
+def run_export(cfg: ExportConfig):
+    """`baldeagle export`: export a draft, or (`--check DIR`) validate an exported folder."""
+    if cfg.check:
+        problems = check_export(cfg.check, target_config_or_none(cfg.model or recorded_target(cfg.check)))
+        for problem in problems:
+            print(f"problem: {problem}")
+        if problems:
+            raise ValueError(f"{cfg.check} does not meet its engine's contract ({len(problems)} problem(s) above)")
+        print(f"{cfg.check}: ok")
+        return []
+    draft = load_draft(cfg.draft)
+    target = cfg.model or draft.config.target_model
+    path = export_draft(draft, cfg.out, cfg.format, target=target, target_config=target_config_or_none(target),
+                        dtype=cfg.dtype, embeddings=cfg.embeddings, overwrite=cfg.overwrite,
+                        num_speculative_tokens=cfg.num_speculative_tokens)
+    print(f"exported {draft.config.draft_type} draft as {cfg.format} to {path}; serving commands in {path / 'README.md'}",
+          flush=True)
+    return path
+

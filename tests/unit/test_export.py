@@ -1,0 +1,374 @@
+"""Export: each engine's names, shapes and aux-id convention; `--check` catches each contract
+violation; exported folders load back with identical logits; refusals."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_targets import draft_features, target_outputs, tiny_target
+
+from baldeagle.export import ExportConfig, export_draft, load_exported, run_export
+from baldeagle.export_check import check_export
+from baldeagle.model.checkpoint import save_draft
+from baldeagle.model.draft_config import draft_config_from_target
+from baldeagle.model.eagle1 import Eagle1Draft
+from baldeagle.model.eagle3 import Eagle3Draft
+from baldeagle.model.vocab import build_draft_vocab
+
+AUX = [1, 3, 4]  # the tiny targets have 6 layers: the default [2, 3, 3] repeats a layer
+LAYER = ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+         "post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
+
+
+def make_draft(kind="eagle3", family="llama", aux=AUX, vocab=64, seed=0):
+    """A tiny target and a draft for it whose every weight differs from its initial value."""
+    target = tiny_target(family)
+    cfg = draft_config_from_target(target.config, kind, draft_vocab_size=vocab, aux_layer_ids=aux if kind == "eagle3" else None)
+    cfg.target_model = f"tiny/{family}"
+    torch.manual_seed(seed)
+    if kind == "eagle1":
+        draft = Eagle1Draft.from_target(target, cfg)
+    else:
+        d2t, _, _ = build_draft_vocab(torch.randint(0, 50, (cfg.vocab_size,)), cfg.draft_vocab_size)
+        draft = Eagle3Draft.from_target(target, cfg, d2t=d2t)
+    with torch.no_grad():  # norms start at 1 and biases at 0: make swapped or dropped ones visible
+        for param in draft.trainable_parameters().values():
+            param.add_(0.1 * torch.randn_like(param))
+    return target, draft.eval()
+
+
+def export(draft, target, path, fmt, **kwargs):
+    return export_draft(draft, path, fmt, target_config=target.config, **kwargs)
+
+
+def draft_logits(draft, target, aux=None, seed=1):
+    """The draft's logits for one step on a random prompt (features from the target)."""
+    torch.manual_seed(seed)
+    ids = torch.randint(3, 256, (2, 11))
+    hidden_states, _ = target_outputs(target, ids)
+    cfg = draft.config
+    features = draft_features(hidden_states, cfg) if cfg.draft_type == "eagle3" else hidden_states[-1]
+    positions = torch.arange(ids.shape[1]).expand(2, -1)
+    with torch.no_grad():
+        return draft.logits(draft(ids, draft.project(features), positions))
+
+
+def header(folder):
+    return {k: (list(v.shape), v.dtype) for k, v in load_file(str(folder / "model.safetensors")).items()}
+
+
+def config_of(folder):
+    return json.loads((folder / "config.json").read_text())
+
+
+def rewrite(folder, config=None, drop=(), change=None):
+    """Edit an exported folder in place: config updates, dropped tensors, replaced tensors."""
+    if config:
+        (folder / "config.json").write_text(json.dumps({**config_of(folder), **config}))
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors = {k: v for k, v in tensors.items() if k not in drop}
+    tensors.update(change or {})
+    save_file(tensors, str(folder / "model.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Names, shapes, configs
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["sglang", "vllm", "speculators"])
+def test_eagle3_names_shapes_and_aux_convention(tmp_path, fmt):
+    target, draft = make_draft()
+    out = export(draft, target, tmp_path / "x", fmt)
+    prefix = "layers.0." if fmt == "speculators" else "midlayer."
+    expected = {
+        "fc.weight": [64, 192], "norm.weight": [64], "lm_head.weight": [64, 64], "d2t": [64], "t2d": [256],
+        prefix + "self_attn.q_proj.weight": [64, 128], prefix + "self_attn.k_proj.weight": [32, 128],
+        prefix + "self_attn.v_proj.weight": [32, 128], prefix + "self_attn.o_proj.weight": [64, 64],
+        prefix + "input_layernorm.weight": [64], prefix + "hidden_norm.weight": [64],
+        prefix + "post_attention_layernorm.weight": [64], prefix + "mlp.gate_proj.weight": [128, 64],
+        prefix + "mlp.up_proj.weight": [128, 64], prefix + "mlp.down_proj.weight": [64, 128],
+    }
+    found = header(out)
+    assert {k: shape for k, (shape, _) in found.items()} == expected  # no embedding by default
+    assert found["d2t"][1] == torch.int64 and found["t2d"][1] == torch.bool
+    assert found["fc.weight"][1] == torch.float32
+    config = config_of(out)
+    layer = config["transformer_layer_config"] if fmt == "speculators" else config
+    assert layer["num_hidden_layers"] == 1 and layer["hidden_size"] == 64 and layer["head_dim"] == 16
+    assert layer["max_position_embeddings"] >= 4096 and layer["vocab_size"] == 256
+    assert layer["rope_parameters"] == draft.config.rope_parameters and layer["rope_theta"] == 500000.0
+    assert layer["tie_word_embeddings"] is False
+    if fmt == "sglang":  # SGLang adds 1: its id i is the output of layer i
+        assert config["architectures"] == ["LlamaForCausalLMEagle3"] and config["draft_vocab_size"] == 64
+        assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [0, 2, 3]
+        assert "eagle_aux_hidden_state_layer_ids" not in config  # vLLM would read it as given
+    elif fmt == "vllm":  # vLLM's id i is the input of layer i = hidden_states[i]
+        assert config["architectures"] == ["LlamaForCausalLMEagle3"] and config["draft_vocab_size"] == 64
+        assert config["eagle_aux_hidden_state_layer_ids"] == AUX and "eagle_config" not in config
+    else:
+        assert config["speculators_model_type"] == "eagle3" and config["draft_vocab_size"] == 64
+        assert config["eagle_aux_hidden_state_layer_ids"] == AUX
+        assert config["norm_before_residual"] is False  # vLLM assumes true when absent
+        assert config["speculators_config"]["verifier"] == {"name_or_path": "tiny/llama",
+                                                            "architectures": ["LlamaForCausalLM"]}
+        assert config["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 3
+    assert check_export(out, target.config) == []
+
+
+@pytest.mark.parametrize("fmt", ["sglang", "vllm"])
+def test_eagle1_names_shapes(tmp_path, fmt):
+    target, draft = make_draft("eagle1")
+    out = export(draft, target, tmp_path / "x", fmt)
+    found = {k: shape for k, (shape, _) in header(out).items()}
+    layer = {"layers.0." + name: found["layers.0." + name] for name in LAYER}
+    assert layer["layers.0.self_attn.q_proj.weight"] == [64, 64] and layer["layers.0.mlp.down_proj.weight"] == [64, 128]
+    assert found["fc.weight"] == [64, 128]
+    assert not {"layers.0.input_layernorm.weight", "norm.weight", "lm_head.weight"} & set(found)
+    config = config_of(out)
+    if fmt == "sglang":
+        assert config["architectures"] == ["LlamaForCausalLMEagle"]
+        assert found["fc.bias"] == [64] and "embed_tokens.weight" not in found  # SGLang takes the target's
+    else:  # vLLM prefixes "Eagle" itself; its fc has no bias, so the bias lives in the draft's embedding
+        assert config["architectures"] == ["LlamaForCausalLM"]
+        assert "fc.bias" not in found and found["embed_tokens.weight"] == [256, 64]
+    assert check_export(out, target.config) == []
+
+
+def test_readme_has_the_serving_commands(tmp_path):
+    target, draft = make_draft()
+    sglang = export(draft, target, tmp_path / "s", "sglang", num_speculative_tokens=4)
+    text = (sglang / "README.md").read_text()
+    for flag in ("--speculative-algorithm EAGLE3", f"--speculative-draft-model-path {sglang.resolve()}",
+                 "--speculative-num-steps 4", "--speculative-eagle-topk", "--speculative-num-draft-tokens 5"):
+        assert flag in text
+    vllm = export(draft, target, tmp_path / "v", "vllm")
+    assert f'--speculative-config \'{{"method": "eagle3", "model": "{vllm.resolve()}", "num_speculative_tokens": 3}}\'' \
+        in (vllm / "README.md").read_text()
+    speculators = export(draft, target, tmp_path / "p", "speculators")
+    assert f"vllm serve {speculators.resolve()}\n" in (speculators / "README.md").read_text()
+
+
+def test_dtype_and_embeddings_options(tmp_path):
+    target, draft = make_draft()
+    out = export(draft, target, tmp_path / "x", "vllm", dtype="bfloat16", embeddings=True)
+    found = header(out)
+    assert found["embed_tokens.weight"] == ([256, 64], torch.bfloat16) and found["fc.weight"][1] == torch.bfloat16
+    assert found["d2t"][1] == torch.int64 and config_of(out)["torch_dtype"] == "bfloat16"
+    assert check_export(out, target.config) == []
+    assert load_exported(out).fc.weight.dtype == torch.bfloat16  # the embedding is in the folder
+
+
+def test_full_vocabulary_writes_no_mapping(tmp_path):
+    target, draft = make_draft(vocab=256)
+    out = export(draft, target, tmp_path / "x", "vllm")  # vLLM has no d2t parameter when Vd == V
+    assert not {"d2t", "t2d"} & set(header(out))
+    assert check_export(out, target.config) == []
+    rewrite(out, change={"d2t": torch.zeros(256, dtype=torch.long)})
+    assert any("d2t is present" in p for p in check_export(out, target.config))
+
+
+# ---------------------------------------------------------------------------------------------
+# Round trip
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("fmt", ["sglang", "vllm", "speculators"])
+def test_eagle3_round_trip_identical_logits(tmp_path, family, fmt):
+    target, draft = make_draft(family=family)
+    out = export(draft, target, tmp_path / "x", fmt)
+    loaded = load_exported(out, target=target)
+    assert loaded.config.aux_layer_ids == AUX and loaded.config.rope_parameters == draft.config.rope_parameters
+    assert torch.equal(loaded.d2t, draft.d2t) and torch.equal(loaded.t2d, draft.t2d)
+    assert torch.equal(draft_logits(loaded, target), draft_logits(draft, target))
+
+
+@pytest.mark.parametrize("fmt", ["sglang", "vllm"])
+def test_eagle1_round_trip(tmp_path, fmt):
+    target, draft = make_draft("eagle1", family="qwen2")  # attention biases and linear RoPE too
+    out = export(draft, target, tmp_path / "x", fmt)
+    loaded = load_exported(out, target=target)
+    expected, got = draft_logits(draft, target), draft_logits(loaded, target)
+    if fmt == "sglang":
+        assert torch.equal(got, expected)
+    else:  # fc.bias folded into the embedding: the same function up to float rounding
+        assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_unsorted_aux_layers_are_reordered_with_fc(tmp_path):
+    """Engines concatenate aux states in layer order: ids are sorted and fc's blocks permuted along."""
+    target, draft = make_draft(aux=[4, 1, 3])
+    out = export(draft, target, tmp_path / "x", "vllm")
+    assert config_of(out)["eagle_aux_hidden_state_layer_ids"] == [1, 3, 4]
+    loaded = load_exported(out, target=target)
+    assert loaded.config.aux_layer_ids == [1, 3, 4]
+    assert torch.allclose(draft_logits(loaded, target), draft_logits(draft, target), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# --check catches each violation
+# ---------------------------------------------------------------------------------------------
+
+
+def exported(tmp_path, fmt="vllm", kind="eagle3"):
+    target, draft = make_draft(kind)
+    return target, export(draft, target, tmp_path / "x", fmt)
+
+
+def test_check_wrong_d2t_offsets(tmp_path):
+    target, out = exported(tmp_path)
+    d2t = load_file(str(out / "model.safetensors"))["d2t"].clone()
+    d2t[1] = d2t[0] - 1  # draft id 1 → the target id of draft id 0
+    rewrite(out, change={"d2t": d2t})
+    problems = check_export(out, target.config)
+    assert any("d2t maps 1 draft ids onto target ids already taken" in p for p in problems)
+    assert any("t2d disagrees with d2t" in p for p in problems)
+    rewrite(out, change={"d2t": d2t + 1000})
+    assert any("outside the target vocabulary" in p for p in check_export(out, target.config))
+
+
+def test_check_t2d_disagrees(tmp_path):
+    target, out = exported(tmp_path)
+    t2d = load_file(str(out / "model.safetensors"))["t2d"].clone()
+    t2d[int(t2d.long().argmin())] = True  # one id too many
+    rewrite(out, change={"t2d": t2d})
+    assert any("t2d disagrees with d2t: it marks 65 ids" in p for p in check_export(out, target.config))
+
+
+def test_check_missing_lm_head(tmp_path):
+    target, out = exported(tmp_path)
+    rewrite(out, drop=["lm_head.weight"])
+    assert any("missing tensor lm_head.weight" in p for p in check_export(out, target.config))
+
+
+def test_check_hidden_size_mismatch(tmp_path):
+    target, out = exported(tmp_path)
+    rewrite(out, config={"hidden_size": 32})
+    problems = check_export(out, target.config)
+    assert any(p.startswith("hidden size mismatch: config.json says hidden_size=32") and "fc.weight gives 64" in p
+               for p in problems)
+
+
+def test_check_short_max_positions(tmp_path):
+    target, out = exported(tmp_path)
+    rewrite(out, config={"max_position_embeddings": 2048})
+    expected = "max_position_embeddings is 2048, below the target's 4096"
+    assert any(expected in p for p in check_export(out, target.config))
+    assert any(expected in p for p in check_export(out))  # the target's value recorded at export time
+
+
+def test_check_aux_ids(tmp_path):
+    target, out = exported(tmp_path)
+    rewrite(out, config={"eagle_aux_hidden_state_layer_ids": [3, 1, 4]})
+    assert any("not strictly increasing" in p for p in check_export(out, target.config))
+    rewrite(out, config={"eagle_aux_hidden_state_layer_ids": [1, 3, 7]})
+    assert any("outside [0, 6]" in p for p in check_export(out, target.config))
+
+
+def test_check_engine_specific_traps(tmp_path):
+    target, draft = make_draft()
+    sglang = export(draft, target, tmp_path / "s", "sglang")
+    tensors = load_file(str(sglang / "model.safetensors"))
+    renamed = {k.replace("midlayer.", "layers.0."): v for k, v in tensors.items()}
+    save_file(renamed, str(sglang / "model.safetensors"))
+    problems = check_export(sglang, target.config)
+    assert any("SGLang" in p and "silently skips" in p for p in problems)
+    assert any("missing tensor midlayer.self_attn.q_proj.weight" in p for p in problems)
+
+    vllm = export(draft, target, tmp_path / "v", "vllm")
+    rewrite(vllm, config={"tie_word_embeddings": True, "torch_dtype": "bfloat16", "dtype": "bfloat16"})
+    problems = check_export(vllm, target.config)
+    assert any("tie_word_embeddings is true" in p for p in problems)
+    assert any("declares dtype bfloat16 but the weights are ['float32']" in p for p in problems)
+
+    speculators = export(draft, target, tmp_path / "p", "speculators")
+    config = config_of(speculators)
+    del config["norm_before_residual"]
+    config["speculators_config"]["verifier"]["name_or_path"] = ""
+    (speculators / "config.json").write_text(json.dumps(config))
+    problems = check_export(speculators, target.config)
+    assert any("norm_before_residual is not false" in p for p in problems)
+    assert any("verifier.name_or_path is empty" in p for p in problems)
+
+
+def test_check_eagle1_bias_rules(tmp_path):
+    target, draft = make_draft("eagle1")
+    vllm = export(draft, target, tmp_path / "v", "vllm")
+    rewrite(vllm, change={"fc.bias": torch.zeros(64)})
+    assert any("vLLM's EAGLE-1 fc has no bias" in p for p in check_export(vllm, target.config))
+    sglang = export(draft, target, tmp_path / "s", "sglang")
+    rewrite(sglang, drop=["fc.bias"], change={"layers.0.input_layernorm.weight": torch.ones(64)})
+    problems = check_export(sglang, target.config)
+    assert any("missing tensor fc.bias" in p for p in problems)
+    assert any("input_layernorm" in p for p in problems)
+
+
+def test_check_unreadable_or_foreign_folders(tmp_path):
+    assert "is missing" in check_export(tmp_path)[0]
+    target, out = exported(tmp_path)
+    rewrite(out, config={"architectures": ["MistralForCausalLM"]})
+    assert "names no EAGLE architecture" in check_export(out, target.config)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Refusals and the stage function
+# ---------------------------------------------------------------------------------------------
+
+
+def test_refuses_unknown_target(tmp_path):
+    target, draft = make_draft()
+    draft.config.target_model = ""
+    with pytest.raises(ValueError, match="records no target model"):
+        export(draft, target, tmp_path / "x", "vllm")
+    assert not (tmp_path / "x").exists()
+    assert export_draft(draft, tmp_path / "y", "vllm", target="tiny/llama", target_config=target.config).is_dir()
+
+
+def test_refuses_inconsistent_vocab_mapping(tmp_path):
+    target, draft = make_draft()
+    t2d = draft.t2d.clone()
+    draft.t2d[int(t2d.long().argmin())] = True
+    with pytest.raises(ValueError, match="t2d does not mark exactly"):
+        export(draft, target, tmp_path / "x", "vllm")
+    draft.t2d.copy_(t2d)
+    draft.d2t[1] = draft.d2t[0] - 1  # two draft ids → one target id
+    with pytest.raises(ValueError, match="several draft ids onto the same target id"):
+        export(draft, target, tmp_path / "x", "vllm")
+    assert not (tmp_path / "x").exists()
+
+
+def test_refuses_non_empty_output_without_overwrite(tmp_path):
+    target, draft = make_draft()
+    (tmp_path / "empty").mkdir()
+    assert export(draft, target, tmp_path / "empty", "vllm").is_dir()  # an empty folder is fine
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export(draft, target, tmp_path / "empty", "sglang")
+    export(draft, target, tmp_path / "empty", "sglang", overwrite=True)
+    assert config_of(tmp_path / "empty")["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [0, 2, 3]
+
+
+def test_refuses_what_no_engine_serves(tmp_path):
+    target, draft = make_draft("eagle1")
+    with pytest.raises(ValueError, match="EAGLE-3 drafts only"):
+        export(draft, target, tmp_path / "x", "speculators")
+    for aux, message in (([2, 3, 3], "repeat a layer"), ([1, 3, 6], "final \\(normed\\) output")):
+        target, draft = make_draft(aux=aux)
+        with pytest.raises(ValueError, match=message):
+            export(draft, target, tmp_path / "x", "vllm")
+    with pytest.raises(ValueError, match="format must be one of"):
+        export(draft, target, tmp_path / "x", "tgi")
+
+
+def test_run_export_and_check(tmp_path, capsys):
+    target, draft = make_draft()
+    save_draft(draft, tmp_path / "draft")
+    out = run_export(ExportConfig(draft=str(tmp_path / "draft"), format="speculators", out=str(tmp_path / "x")))
+    assert (out / "config.json").is_file() and (out / "README.md").is_file()
+    assert run_export(ExportConfig(check=str(out))) == []
+    assert "ok" in capsys.readouterr().out
+    rewrite(out, drop=["lm_head.weight"])
+    with pytest.raises(ValueError, match="1 problem"):
+        run_export(ExportConfig(check=str(out)))
+    assert "problem: missing tensor lm_head.weight" in capsys.readouterr().out
