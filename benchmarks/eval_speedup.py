@@ -66,7 +66,8 @@ def main() -> None:
             f"depth {s['tree_depth']}, top-{s['tree_topk']}, {s['tree_total_tokens']} tokens")
         print(f"| {mode} | {shape} | {r['acceptance_length']:.2f} | {r['tokens_per_second']:.1f} "
               f"| {r['baseline_tokens_per_second']:.1f} | {num(r['prompt_lookup_tokens_per_second'], '{:.1f}')} "
-              f"| {num(r['speedup'])}x | {num(r['speedup_vs_prompt_lookup'])}x | {r['outputs_match_baseline']} |")
+              f"| {num(r['speedup'], '{:.2f}x')} | {num(r['speedup_vs_prompt_lookup'], '{:.2f}x')} "
+              f"| {r['outputs_match_baseline']} |")
     first = rows[0][1]
     print(f"\n{first['num_prompts']} prompts, {first['num_turns']} turns, max_new_tokens {args.max_new_tokens}, "
           f"greedy, {args.dtype}, {first['settings']['torch_threads']} threads; results in {args.out}/<mode>/eval.json")

@@ -97,7 +97,7 @@ SHAPES = {
 }
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("draft_type", ["eagle3", "eagle1"])
 @pytest.mark.parametrize("mode", ["chain", "tree"])
 def test_greedy_equals_generate_with_random_drafts(family, draft_type, mode):
@@ -282,6 +282,13 @@ def test_speculative_sampling_matches_plain_sampling(mode, top_p):
     assert 0.1 < accepted_steps / n < 0.95  # both branches (accept, reject) were exercised
     tv = 0.5 * (counts / n - exact).abs().sum()
     assert tv < tv_bound(exact.numel(), n)
+
+
+def test_sliding_window_targets_are_refused():
+    target = tiny_target("mistral")
+    draft, _ = tiny_draft(target, "eagle3")
+    with pytest.raises(NotImplementedError, match="full-attention targets only"):
+        speculative_generate(target, draft, prompts(1)[0], SpecSettings(max_new_tokens=4))
 
 
 def test_settings_are_validated():

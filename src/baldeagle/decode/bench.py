@@ -18,6 +18,7 @@ Metrics (written to `<out>/eval.json`):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -283,13 +284,13 @@ def run_eval(cfg: EvalConfig) -> dict:
     # CPU float32: pre-pack linear weights for all three decoders alike (multi-token forwards get cheap)
     packed = pack_linears(target)
     pack_linears(draft)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else settings.eos_token_ids[0]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (settings.eos_token_ids or (0,))[0]
     greedy = cfg.temperature == 0
     generator = torch.Generator().manual_seed(cfg.seed)
 
     # Warm-up (first calls allocate and install hooks), then decode every turn three ways.
     warm_ids = render(tokenizer, prompts[0], [], 0)
-    warm = SpecSettings(**{**settings.__dict__, "max_new_tokens": 8})
+    warm = dataclasses.replace(settings, max_new_tokens=8)
     plain_generate(target, warm_ids, warm, generator)
     speculative_generate(target, draft, warm_ids, warm, generator)
     if cfg.prompt_lookup:
@@ -358,15 +359,15 @@ def format_table(result: dict) -> str:
         f"  tokens/s speculative     {num(result['tokens_per_second'], '{:.1f}')}",
         f"  tokens/s plain           {num(result['baseline_tokens_per_second'], '{:.1f}')}",
         f"  tokens/s prompt lookup   {num(result['prompt_lookup_tokens_per_second'], '{:.1f}')}",
-        f"  speedup vs plain         {num(result['speedup'])}x",
-        f"  speedup vs prompt lookup {num(result['speedup_vs_prompt_lookup'])}x",
+        f"  speedup vs plain         {num(result['speedup'], '{:.2f}x')}",
+        f"  speedup vs prompt lookup {num(result['speedup_vs_prompt_lookup'], '{:.2f}x')}",
         f"  outputs match baseline   {result['outputs_match_baseline']}",
     ]
     if result["mismatched_turns"]:
         lines.append(f"    {result['mismatched_turns']} turn(s) differ; largest top-2 logit gap where they split: "
                      f"{result['max_mismatch_logit_gap']:.3g} (a near-tie means numerics, not a decoding error)")
     for name, row in result["per_category"].items():
-        lines.append(f"    {name:<12} τ {row['acceptance_length']:.2f}  speedup {num(row['speedup'])}x  "
+        lines.append(f"    {name:<12} τ {row['acceptance_length']:.2f}  speedup {num(row['speedup'], '{:.2f}x')}  "
                      f"({row['turns']} turns)")
     return "\n".join(lines)
 
