@@ -287,7 +287,7 @@ def test_speculative_sampling_matches_plain_sampling(mode, top_p):
 def test_sliding_window_targets_are_refused():
     target = tiny_target("mistral")
     draft, _ = tiny_draft(target, "eagle3")
-    with pytest.raises(NotImplementedError, match="full-attention targets only"):
+    with pytest.raises(ValueError, match="full-attention targets only"):
         speculative_generate(target, draft, prompts(1)[0], SpecSettings(max_new_tokens=4))
 
 

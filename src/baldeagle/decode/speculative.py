@@ -147,7 +147,7 @@ def new_target_cache(target) -> Cache:
     kinds = {type(layer) for layer in DynamicCache(config=target.config).layers}
     if kinds - {DynamicLayer}:
         names = ", ".join(sorted(k.__name__ for k in kinds))
-        raise NotImplementedError(f"speculative decoding supports full-attention targets only; this one has {names}")
+        raise ValueError(f"speculative decoding supports full-attention targets only; this one has {names}")
     return Cache(layers=[BufferLayer() for _ in range(target.config.get_text_config().num_hidden_layers)])
 
 
