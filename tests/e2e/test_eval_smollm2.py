@@ -13,16 +13,8 @@ from baldeagle.model.eagle3 import Eagle3Draft
 from baldeagle.model.vocab import build_draft_vocab
 from baldeagle.targets import load_target
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("one_thread")]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: decoding is latency-bound, and two threads crawl when other jobs share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 KEYS = {
     "acceptance_length", "per_position_acceptance", "tokens_per_second", "baseline_tokens_per_second",

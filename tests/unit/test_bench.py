@@ -3,22 +3,12 @@
 import json
 
 import pytest
-import torch
 from tiny_chat import char_tokenizer
 from tiny_targets import tiny_draft, tiny_target
 
 from baldeagle.config import EvalConfig
 from baldeagle.decode.bench import load_prompt_set, run_eval
 from baldeagle.model.checkpoint import save_draft
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not crawl when other jobs share the CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -25,15 +25,6 @@ from baldeagle.model.layers import build_mask
 from baldeagle.model.vocab import build_draft_vocab, target_to_draft_ids
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not crawl when other jobs share the CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class PerfectDraft(torch.nn.Module):
     """A draft that proposes the target's own greedy tokens (it runs the target from scratch per row).
 

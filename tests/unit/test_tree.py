@@ -11,15 +11,6 @@ from baldeagle.decode.tree import accept_greedy, chain, compact_target_cache, gr
 V = 50
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not crawl when other jobs share the CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def path_logp(path: tuple[int, ...]) -> torch.Tensor:
     """A deterministic fake draft: log-probabilities [V] that depend on the whole path."""
     g = torch.Generator().manual_seed(hash(path) % (2**31))
