@@ -10,6 +10,8 @@ from baldeagle.data.prepare import check_conversation, load_prepared
 from baldeagle.data.sources import load_conversations
 from baldeagle.targets import load_tokenizer
 
+from tiny_chat import trained_runs  # shared with the unit tests (tests/unit is on the path)
+
 pytestmark = pytest.mark.e2e
 
 SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -18,19 +20,6 @@ SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Huggin
 @pytest.fixture(scope="module")
 def tokenizer():
     return load_tokenizer("smollm2")
-
-
-def trained_runs(tokenizer, ids, mask) -> list[str]:
-    """Decoded text of each maximal run of trained tokens."""
-    runs, current = [], []
-    for token, flag in zip(ids, mask):
-        if flag:
-            current.append(token)
-        elif current:
-            runs.append(current)
-            current = []
-    runs += [current] if current else []
-    return [tokenizer.decode(run, skip_special_tokens=False, clean_up_tokenization_spaces=False) for run in runs]
 
 
 def assert_exact_masks(tokenizer, dataset, conversations, max_length=2048):
