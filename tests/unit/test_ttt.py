@@ -64,20 +64,23 @@ def _batch(family, padding_side, length=11, real=7):
     return draft, ids, draft_features(hidden_states, cfg), logits, loss_mask, attention_mask, position_ids
 
 
+@pytest.mark.parametrize("all_rows", [False, True])
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
-def test_ttt_equals_stepwise_kv_cache_reference(padding_side, impl):
+def test_ttt_equals_stepwise_kv_cache_reference(padding_side, impl, all_rows):
     steps = 3
     draft, ids, features, logits, loss_mask, attention_mask, positions = _batch("llama", padding_side)
     out = ttt_forward(draft, ids, features, logits, loss_mask, steps=steps, attention_mask=attention_mask,
-                      position_ids=positions, impl=impl, return_hidden=True)
+                      position_ids=positions, impl=impl, return_hidden=True, all_rows=all_rows)
     with torch.no_grad():
         ref_hidden, ref_losses = stepwise_reference(
             draft, ids, features, logits, loss_mask, attention_mask, positions, steps
         )
     real = attention_mask.bool()
     for k in range(steps):
-        torch.testing.assert_close(out.hidden[k][real], ref_hidden[k][real], atol=1e-5, rtol=1e-5)
+        ran = real & out.ran[k]  # every row with all_rows; else the rows a trained loss needs
+        assert bool(out.ran[k].all()) if all_rows else 0 < int(ran.sum()) < int(real.sum())
+        torch.testing.assert_close(out.hidden[k][ran], ref_hidden[k][ran], atol=1e-5, rtol=1e-5)
         loss, correct, count = ref_losses[k]
         torch.testing.assert_close(out.step_losses[k], loss, atol=1e-5, rtol=1e-5)
         assert (int(out.correct[k]), int(out.count[k])) == (int(correct), int(count))
@@ -86,17 +89,60 @@ def test_ttt_equals_stepwise_kv_cache_reference(padding_side, impl):
     torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_ttt_queries_never_see_later_rows():
+@pytest.mark.parametrize("all_rows", [False, True])
+def test_ttt_queries_never_see_later_rows(all_rows):
     """Changing the features after row 5 leaves every step's rows 0..5 as they were."""
     draft, ids, features, logits, loss_mask, _, _ = _batch("qwen3", "right", real=11)
     with torch.no_grad():
-        base = ttt_forward(draft, ids, features, logits, loss_mask, steps=3, return_hidden=True)
+        base = ttt_forward(draft, ids, features, logits, loss_mask, steps=3, return_hidden=True, all_rows=all_rows)
         changed = features.clone()
         changed[:, 6:] += 1.0  # features after row 5 only
-        moved = ttt_forward(draft, ids, changed, logits, loss_mask, steps=3, return_hidden=True)
+        moved = ttt_forward(draft, ids, changed, logits, loss_mask, steps=3, return_hidden=True, all_rows=all_rows)
     for k in range(3):
         torch.testing.assert_close(moved.hidden[k][:, :6], base.hidden[k][:, :6])
         assert not torch.allclose(moved.hidden[k][:, 6:], base.hidden[k][:, 6:])
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_ttt_on_needed_rows_equals_every_row(impl):
+    """Running each step only on the rows a trained loss needs gives the plain unroll's losses,
+    metrics and gradients: left and right padding, a patchy loss mask, a row with nothing trained."""
+    target = tiny_target("llama")
+    draft, cfg = tiny_draft(target, "eagle3", draft_vocab_size=128, seed=11)
+    generator = torch.Generator().manual_seed(12)
+    length = 23
+    ids = torch.randint(3, cfg.vocab_size, (4, length), generator=generator)
+    attention_mask = torch.ones(4, length, dtype=torch.long)
+    attention_mask[1, 17:] = 0  # right padding
+    attention_mask[2, :5] = 0  # left padding
+    ids[attention_mask == 0] = 0
+    loss_mask = (torch.rand(4, length, generator=generator) < 0.4).long()  # patchy
+    loss_mask[1, 17:] = 1  # careless masks on padding: the padding rows must still not count
+    loss_mask[2, :5] = 1
+    loss_mask[3] = 0  # nothing trained: this row runs no step
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    hidden_states, logits = target_outputs(target, ids, attention_mask)
+    features = draft_features(hidden_states, cfg)
+
+    results = {}
+    for all_rows in (True, False):
+        draft.zero_grad()
+        out = ttt_forward(draft, ids, features, logits, loss_mask, steps=4, attention_mask=attention_mask,
+                          position_ids=position_ids, impl=impl, num_items=None, return_hidden=True,
+                          all_rows=all_rows)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in draft.trainable_parameters().items()}
+        results[all_rows] = out, grads
+    (dense, dense_grads), (sparse, sparse_grads) = results[True], results[False]
+    torch.testing.assert_close(sparse.loss, dense.loss, atol=1e-6, rtol=1e-5)
+    for k in range(4):
+        torch.testing.assert_close(sparse.step_losses[k], dense.step_losses[k], atol=1e-6, rtol=1e-5)
+        assert int(sparse.correct[k]) == int(dense.correct[k]) and int(sparse.count[k]) == int(dense.count[k])
+        assert not sparse.ran[k][3].any()
+    assert sparse.count[3] > 0 and sum(int(r.sum()) for r in sparse.ran) < 0.6 * sum(int(r.sum()) for r in dense.ran)
+    for name, grad in dense_grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(sparse_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_shift_left():

@@ -34,9 +34,13 @@ class Eagle3DecoderLayer(nn.Module):
         self.post_attention_layernorm = LlamaRMSNorm(hidden, eps=cfg.rms_norm_eps)
         self.mlp = LlamaMLP(to_llama_config(cfg))
 
+    def attention_input(self, embeds, hidden) -> torch.Tensor:
+        """embeds [B, T, H], hidden [B, T, H] → [B, T, 2H], what q/k/v read."""
+        return torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)
+
     def forward(self, embeds, hidden, position_embeddings, cache=None, attention_mask=None) -> torch.Tensor:
         """embeds [B, T, H], hidden [B, T, H] → out [B, T, H] (un-normed)."""
-        x = torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)  # [B, T, 2H]
+        x = self.attention_input(embeds, hidden)
         x = hidden + self.self_attn(x, position_embeddings, cache, attention_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -101,6 +105,15 @@ class Eagle3Draft(DraftBase):
         embeds = self.embed_tokens(input_ids)  # [B, T, H]
         hidden = hidden.to(embeds.dtype)
         return self.midlayer(embeds, hidden, self.rope(hidden, position_ids), cache, attention_mask)
+
+    def keys_values(self, input_ids: torch.Tensor, hidden: torch.Tensor, position_ids: torch.Tensor):
+        """The keys and values `forward` would add to a cache for these rows, without the rest of the
+        layer → k, v [B, Hkv, T, D]. (Training-time test needs every row's step-0 keys, but runs the
+        whole step only on the rows whose outputs are trained.)"""
+        embeds = self.embed_tokens(input_ids)
+        hidden = hidden.to(embeds.dtype)
+        x = self.midlayer.attention_input(embeds, hidden)
+        return self.midlayer.self_attn.keys_values(x, self.rope(hidden, position_ids))
 
     def logits(self, out: torch.Tensor) -> torch.Tensor:
         """[..., H] → [..., Vd] over the draft vocabulary."""

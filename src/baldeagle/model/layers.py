@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -36,6 +36,12 @@ def build_mask(attention_mask: torch.Tensor | None, q_len: int, past: int, devic
     if attention_mask is not None:  # key padding [B, S]
         mask = mask & attention_mask.bool()[:, None, None, :]
     return mask
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on x [B, heads, T, D] with (cos, sin) [B, T, D]: Transformers' `apply_rotary_pos_emb`, one tensor."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -97,13 +103,19 @@ class DraftAttention(nn.Module):
         self.v_proj = nn.Linear(input_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=bias)
 
+    def keys_values(self, x, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, input_size], (cos, sin) [B, T, D] → the keys (with RoPE) and values [B, Hkv, T, D]."""
+        batch, length, _ = x.shape
+        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rope(k, *position_embeddings), v
+
     def forward(self, x, position_embeddings, cache=None, attention_mask=None) -> torch.Tensor:
         """x [B, T, input_size], (cos, sin) [B, T, D] → [B, T, H]."""
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, D]
-        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+        q = apply_rope(q, *position_embeddings)
+        k, v = self.keys_values(x, position_embeddings)  # [B, Hkv, T, D]
         if cache is not None:
             out = cache.attend(q, k, v, attention_mask)
         elif attention_mask is None:

@@ -12,6 +12,14 @@ Attention: a query of step k at row t sees the step-0 keys 0..t (causal, minus p
 t's key of each step 1..k (a diagonal). Each step runs `draft.forward` with a `TTTCache`, so the
 projections, RoPE, MLP and norms are exactly the decoding path; only the key set differs.
 
+Work: row t's step-k output feeds only row t itself (its loss at step k, its hidden state and
+diagonal key at the later steps), so step k runs only on the rows scored at step k or later:
+in chat data, where prompts are not trained, about half of them. Only the step-0 keys are
+shared (every row is context for the rows after it), so they are computed for every row by the
+k/v projections alone (`draft.keys_values`). Each step's rows are gathered per batch element
+into [B, M_k] (`StepRows`); `all_rows=True` runs every row at every step instead, the plain
+unroll that the gathered one is tested against.
+
 Memory: the target distribution is restricted to the draft vocab once and kept at the trained
 positions only ([N, Vd]; the set of target positions is the same for every step), and each
 step's logits are computed for its trained rows only: nothing of size B·T·K·V is ever held.
@@ -24,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from baldeagle.model.layers import build_mask, sdpa_attention
+from baldeagle.model.layers import sdpa_attention
 from baldeagle.train.losses import draft_vocab_targets, eagle1_loss, eagle3_loss_from_targets, feature_noise
 
 
@@ -33,59 +41,110 @@ def shift_left(x: torch.Tensor, n: int) -> torch.Tensor:
     return F.pad(x[:, n:], (0, min(n, x.shape[1])))
 
 
+def take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, S, ...], index [B, M] → [B, M, ...] with out[b, m] = x[b, index[b, m]]."""
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], index]
+
+
+@dataclass
+class StepRows:
+    """The rows one TTT step runs on, per batch element, in slots [B, M]: M is the most rows any
+    element needs; an element with fewer fills its spare slots with other rows, whose outputs
+    nothing reads (they get no gradient and are finite, so they change no sum)."""
+
+    index: torch.Tensor  # [B, M] the row t in each slot
+    valid: torch.Tensor  # [B, M] False for the filler slots
+    slot: torch.Tensor  # [B, T] the slot of row t (meaningful for the rows in the set)
+
+    @classmethod
+    def where(cls, keep: torch.Tensor) -> StepRows:
+        """keep [B, T] bool → its rows first, in order (a stable sort), then fillers."""
+        size = max(int(keep.sum(1).max()), 1)
+        index = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :size]
+        slot = (keep.long().cumsum(1) - 1).clamp(min=0)
+        return cls(index, keep.gather(1, index), slot)
+
+    def slots_of(self, rows: StepRows) -> torch.Tensor:
+        """[B, M'] the slots here of `rows`' rows (which must be among these)."""
+        return self.slot.gather(1, rows.index)
+
+
 def ttt_attention(q, keys, values, mask0) -> torch.Tensor:
     """Eager TTT attention, one softmax over [causal step-0 keys | diagonal keys of steps 1..k].
 
-    q [B, Hq, T, D]; keys/values: one [B, Hkv, T, D] per step so far (step 0 first);
-    mask0 [B|1, 1, T, T] bool (True = attend) for the step-0 keys → [B, Hq, T, D].
+    q [B, Hq, M, D] (M query rows); keys/values: the step-0 keys of every row [B, Hkv, T, D], then
+    one [B, Hkv, M, D] per step 1..k, aligned with q's rows; mask0 [B, 1, M, T] bool (True =
+    attend) for the step-0 keys → [B, Hq, M, D].
     """
-    batch, num_heads, length, dim = q.shape
-    kv_heads = keys[0].shape[1]
+    batch, num_heads, rows, dim = q.shape
+    kv_heads, length = keys[0].shape[1], keys[0].shape[2]
     groups = num_heads // kv_heads
     scale = dim**-0.5
     # Query head h uses KV head h // groups (repeat_kv's order), so fold the groups into rows.
-    qg = q.reshape(batch, kv_heads, groups * length, dim)  # [B, Hkv, G*T, D]
-    scores0 = (qg @ keys[0].transpose(-1, -2)) * scale  # [B, Hkv, G*T, T]
-    hidden = ~mask0.unsqueeze(2)  # [B|1, 1, 1, T, T]
-    scores0 = scores0.view(batch, kv_heads, groups, length, length).masked_fill(hidden, torch.finfo(q.dtype).min)
-    scores0 = scores0.view(batch, kv_heads, groups * length, length)
-    q5 = qg.view(batch, kv_heads, groups, length, dim)
-    diagonal = [((q5 * k[:, :, None]).sum(-1) * scale).view(*qg.shape[:3], 1) for k in keys[1:]]  # [B, Hkv, G*T, 1]
-    scores = torch.cat([scores0, *diagonal], dim=-1)  # [B, Hkv, G*T, T + k]
+    qg = q.reshape(batch, kv_heads, groups * rows, dim)  # [B, Hkv, G*M, D]
+    scores0 = (qg @ keys[0].transpose(-1, -2)) * scale  # [B, Hkv, G*M, T]
+    hidden = ~mask0.unsqueeze(2)  # [B, 1, 1, M, T]
+    scores0 = scores0.view(batch, kv_heads, groups, rows, length).masked_fill(hidden, torch.finfo(q.dtype).min)
+    scores0 = scores0.view(batch, kv_heads, groups * rows, length)
+    q5 = qg.view(batch, kv_heads, groups, rows, dim)
+    diagonal = [((q5 * k[:, :, None]).sum(-1) * scale).view(*qg.shape[:3], 1) for k in keys[1:]]  # [B, Hkv, G*M, 1]
+    scores = torch.cat([scores0, *diagonal], dim=-1)  # [B, Hkv, G*M, T + k]
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = probs[..., :length] @ values[0]  # [B, Hkv, G*T, D]
+    out = probs[..., :length] @ values[0]  # [B, Hkv, G*M, D]
     for j, v in enumerate(values[1:]):
-        weight = probs[..., length + j, None].view(batch, kv_heads, groups, length, 1)
+        weight = probs[..., length + j, None].view(batch, kv_heads, groups, rows, 1)
         out = out + (weight * v[:, :, None]).view(qg.shape)
-    return out.reshape(batch, num_heads, length, dim)
+    return out.reshape(batch, num_heads, rows, dim)
 
 
 def ttt_attention_sdpa(q, keys, values, mask0) -> torch.Tensor:
-    """The same attention through SDPA over all steps' keys [B, Hkv, (k+1)·T, D] with a
-    [causal | eye | eye ...] mask: more FLOPs, but fused kernels on GPU keep no T×T scores."""
-    length = q.shape[2]
-    eye = torch.eye(length, dtype=torch.bool, device=q.device).expand(mask0.shape[0], 1, length, length)
-    mask = torch.cat([mask0.expand(mask0.shape[0], 1, length, length), *[eye] * (len(keys) - 1)], dim=-1)
+    """The same attention through SDPA over all keys [B, Hkv, T + k·M, D] with a [causal | eye |
+    eye ...] mask: more FLOPs, but fused kernels on GPU keep no M×T scores."""
+    rows = q.shape[2]
+    eye = torch.eye(rows, dtype=torch.bool, device=q.device).expand(mask0.shape[0], 1, rows, rows)
+    mask = torch.cat([mask0, *[eye] * (len(keys) - 1)], dim=-1)
     return sdpa_attention(q, torch.cat(keys, dim=2), torch.cat(values, dim=2), mask)
 
 
 class TTTCache:
-    """Stands in for `DraftCache` during the unroll: holds every step's keys/values."""
+    """Stands in for `DraftCache` during the unroll.
 
-    def __init__(self, attention_mask: torch.Tensor | None = None, impl: str = "sdpa"):
+    It holds the context, every row's step-0 keys/values [B, Hkv, T, D], and the keys/values each
+    later step made for its own rows. `ttt_forward` names a step's rows (`begin_step`) before the
+    draft runs it; the draft's q/k/v then come in that step's [B, M] layout.
+    """
+
+    def __init__(self, context_k, context_v, real: torch.Tensor, impl: str = "sdpa"):
         if impl not in ("eager", "sdpa"):
             raise ValueError(f"TTT attention impl must be 'eager' or 'sdpa', got {impl!r}")
-        self.padding, self.impl = attention_mask, impl  # padding [B, T], 1 = real token
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
+        self.context = (context_k, context_v)
+        self.real, self.impl = real, impl  # real [B, T] bool, True = a real token
+        self.rows: StepRows | None = None
+        self.step = -1
+        self.diagonal: list[tuple[StepRows, torch.Tensor, torch.Tensor]] = []  # steps 1..: (rows, k, v)
+
+    def begin_step(self, rows: StepRows) -> None:
+        self.step += 1
+        self.rows = rows
 
     def attend(self, q, k, v, attention_mask=None) -> torch.Tensor:
-        """q [B, Hq, T, D], this step's k/v [B, Hkv, T, D] → [B, Hq, T, D]."""
-        self.keys.append(k)
-        self.values.append(v)
-        mask0 = build_mask(self.padding, q.shape[2], 0, q.device)  # [B|1, 1, T, T]
+        """q [B, Hq, M, D], this step's k/v [B, Hkv, M, D] → [B, Hq, M, D]."""
+        rows = self.rows
+        keys, values = [self.context[0]], [self.context[1]]
+        # This step's rows are among every earlier step's rows: pick their slots there.
+        for earlier, k_j, v_j in self.diagonal:
+            slots = earlier.slots_of(rows)[:, None, :, None].expand(-1, k_j.shape[1], -1, k_j.shape[3])
+            keys.append(k_j.gather(2, slots))
+            values.append(v_j.gather(2, slots))
+        if self.step > 0:  # step 0's own keys are in the context already (the same values)
+            self.diagonal.append((rows, k, v))
+            keys.append(k)
+            values.append(v)
+        length = self.real.shape[1]
+        causal = torch.arange(length, device=q.device) <= rows.index[:, :, None]  # [B, M, T]
+        mask0 = (causal & self.real[:, None, :])[:, None]  # [B, 1, M, T]
         attend = ttt_attention if self.impl == "eager" else ttt_attention_sdpa
-        return attend(q, self.keys, self.values, mask0)
+        return attend(q, keys, values, mask0)
 
 
 @dataclass
@@ -94,7 +153,8 @@ class TTTOutput:
     step_losses: list[torch.Tensor]
     correct: list[torch.Tensor]  # per step: draft top-1 == target top-1 (sums over trained positions)
     count: list[torch.Tensor]  # per step: trained positions
-    hidden: list[torch.Tensor] | None = None  # per step: draft outputs [B, T, H] (return_hidden=True)
+    hidden: list[torch.Tensor] | None = None  # per step: draft outputs [B, T, H], 0 where not run (return_hidden)
+    ran: list[torch.Tensor] | None = None  # per step: [B, T] bool, the rows that step ran on (return_hidden)
 
     def accuracies(self) -> list[float]:
         return [float(c) / max(float(n), 1.0) for c, n in zip(self.correct, self.count)]
@@ -113,6 +173,7 @@ def ttt_forward(
     impl: str = "sdpa",
     num_items=None,
     return_hidden: bool = False,
+    all_rows: bool = False,
 ) -> TTTOutput:
     """Unroll an EAGLE-3 draft for `steps` steps and return the weighted loss and per-step metrics.
 
@@ -120,36 +181,57 @@ def ttt_forward(
     target_logits [B, T, V] (the target's next-token logits at each position); loss_mask [B, T]
     (1 = token trained); attention_mask [B, T] (1 = real token); position_ids [B, T] (default 0..T-1).
     impl: "sdpa" (default; measured faster and leaner on an H200 and on CPU) or "eager" (same numbers).
+    all_rows: run every row at every step rather than only those a trained loss needs (same numbers).
     """
     batch, length = input_ids.shape
     if position_ids is None:
         position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
+    real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
     # Target position p = t+1+k is trained iff x_{p+1} is: the same positions at every step.
     trained = shift_left(loss_mask, 1).bool()
     b_idx, p_idx = trained.nonzero(as_tuple=True)  # [N]
     # Only trained positions are gathered (target_logits may compute lazily, see TargetLogits).
     target_probs, target_argmax = draft_vocab_targets(target_logits[b_idx, p_idx], draft.t2d)  # [N, Vd], [N]
 
-    real = attention_mask.bool() if attention_mask is not None else None  # [B, T]
-    cache = TTTCache(attention_mask, impl)
-    hidden = draft.project(features)  # [B, T, H]
-    losses, corrects, counts, outputs = [], [], [], []
-    for k in range(steps):
-        hidden = draft(shift_left(input_ids, 1 + k), hidden, position_ids + k, cache=cache)  # [B, T, H]
-        rows = p_idx - 1 - k
-        keep = rows >= 0
-        if real is not None:  # the chain must start on a real token (left padding)
-            keep &= real[b_idx, rows.clamp(min=0)]
-        logits = draft.logits(hidden[b_idx[keep], rows[keep]])  # [N_k, Vd]
+    # Row t is scored at step k iff position t+1+k is trained and row t is real (left padding);
+    # step k runs the rows scored at step k or later.
+    runs, needed = [], torch.zeros_like(real)
+    for k in reversed(range(steps)):
+        needed = needed | (shift_left(trained, 1 + k) & real)
+        runs.append(StepRows.where(torch.ones_like(real) if all_rows else needed))
+    runs.reverse()
+
+    hidden = draft.project(features)  # [B, T, H], every row: the context keys read it
+    cache = TTTCache(*draft.keys_values(shift_left(input_ids, 1), hidden, position_ids), real, impl)
+    scored, keeps, outputs = [], [], []
+    for k, rows in enumerate(runs):
+        hidden = take(hidden, rows.index if k == 0 else runs[k - 1].slots_of(rows))  # [B, M_k, H]
+        cache.begin_step(rows)
+        ids, positions = take(shift_left(input_ids, 1 + k), rows.index), take(position_ids, rows.index) + k
+        hidden = draft(ids, hidden, positions, cache=cache)  # [B, M_k, H]
+        scored_rows = p_idx - 1 - k
+        keep = scored_rows >= 0
+        keep &= real[b_idx, scored_rows.clamp(min=0)]  # the chain must start on a real token (left padding)
+        b_k, t_k = b_idx[keep], scored_rows[keep]
+        scored.append(hidden[b_k, rows.slot[b_k, t_k]])  # [N_k, H]
+        keeps.append(keep)
+        if return_hidden:
+            full = hidden.new_zeros(batch, length, hidden.shape[-1])
+            b_valid = torch.arange(batch, device=hidden.device)[:, None].expand_as(rows.index)[rows.valid]
+            outputs.append(full.index_put((b_valid, rows.index[rows.valid]), hidden[rows.valid]))
+    # One LM head call for every step: on CPU one large matmul (and its weight gradient) runs
+    # faster than K small ones; the LM head is the draft's largest matmul.
+    all_logits = draft.logits(torch.cat(scored)).split([len(h) for h in scored])  # [N_k, Vd] per step
+    losses, corrects, counts = [], [], []
+    for logits, keep in zip(all_logits, keeps):
         ones = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
         loss, correct, count = eagle3_loss_from_targets(
             logits, target_probs[keep], target_argmax[keep], ones, num_items
         )
         losses.append(loss), corrects.append(correct), counts.append(count)
-        if return_hidden:
-            outputs.append(hidden)
     total = sum(decay**k * loss for k, loss in enumerate(losses))
-    return TTTOutput(total, losses, corrects, counts, outputs if return_hidden else None)
+    ran = [torch.zeros_like(real).scatter(1, rows.index, rows.valid) for rows in runs] if return_hidden else None
+    return TTTOutput(total, losses, corrects, counts, outputs if return_hidden else None, ran)
 
 
 def eagle1_forward(
