@@ -20,6 +20,7 @@ from baldeagle.config import STAGES, ConfigError, load_config, parse_overrides
 RUNNERS: dict[str, tuple[str, str]] = {
     "prepare": ("baldeagle.data.prepare:run_prepare", "tokenise conversations with an assistant-only loss mask"),
     "view": ("baldeagle.data.view:run_view", "show a prepared dataset's loss mask (terminal or HTML)"),
+    "regenerate": ("baldeagle.data.regenerate:run_regenerate", "answer conversations' user turns with the target itself (resumable)"),
     "train": ("baldeagle.train.run:run_train", "train an EAGLE-1 or EAGLE-3 draft (online or offline features)"),
     "features": ("baldeagle.data.store:run_features", "store target features for offline training (sharded, resumable)"),
     "eval": ("baldeagle.decode.bench:run_eval", "speculative decoding vs plain decoding: acceptance, speedup, exactness"),

@@ -178,20 +178,56 @@ class ServeBenchConfig:
 
 
 @dataclass
+class RegenerateConfig:
+    model: str = _help("target: packaged name (smollm2), local folder or hub id", default="smollm2")
+    dataset: str = _help("conversations whose user turns are answered (a prepare source); empty = none",
+                         default="chitchat")
+    out: str = _help("output conversations file (JSONL, `messages` per line; prepare reads it)",
+                     default="runs/regenerated.jsonl")
+    split: str = _help("dataset split for hub datasets (presets choose their own)", default="")
+    limit: int = _help("read at most this many conversations (0 = all)", default=0)
+    shuffle: bool = _help("shuffle conversations before --limit", default=False)
+    seed: int = _help("random seed (shuffling, sampling)", default=0)
+    max_turns: int = _help("answer at most this many user turns per conversation (0 = all)", default=0)
+    self_prompts: int = _help("also let the target write this many new user prompts, then answer them", default=0)
+    self_prompt_max_tokens: int = _help("self-written prompts longer than this are dropped", default=96)
+    self_prompt_temperature: float = _help("sampling temperature for self-written prompts", default=1.0)
+    max_new_tokens: int = _help("tokens per generated answer", default=512)
+    max_prompt_tokens: int = _help("stop a conversation at a turn whose prompt is longer than this", default=2048)
+    temperature: float = _help("0 = greedy answers; > 0 samples", default=0.0)
+    top_p: float = _help("nucleus sampling threshold in (0, 1] (sampling only)", default=1.0)
+    batch_size: int = _help("sequences per generate call (hf backend; length-sorted, left-padded)", default=32)
+    chunk_size: int = _help("conversations finished and written together (bounds work lost on a kill)",
+                            default=128)
+    max_minutes: float = _help("start no new chunk after this much time (0 = no limit); a later run resumes",
+                               default=0.0)
+    backend: str = _help("hf (Transformers generate) or vllm (needs vllm installed)", default="hf")
+    tensor_parallel_size: int = _help("vllm backend: GPUs per model", default=1)
+    target_dtype: str = _help("dtype of the target: float32, bfloat16 or float16", default="float32")
+    system_prompt: str = _help("system prompt injected into rows that have none", default="")
+    trust_remote_code: bool = _help("allow code from the model repository to run", default=False)
+
+
+@dataclass
 class QuickstartConfig:
     model: str = _help("target: packaged name (smollm2), local folder or hub id", default="smollm2")
-    dataset: str = _help("conversations to train on", default="chitchat")
     out: str = _help("root folder for every stage's output", default="runs/quickstart")
-    limit: int = _help("conversations to read (rows without an answer are skipped)", default=1200)
-    max_length: int = _help("truncate rows to this many tokens", default=512)
-    train_minutes: float = _help("training time budget", default=12.0)
+    minutes: float = _help("time budget of the whole run: regeneration gets 25%, training 40%", default=30.0)
+    dataset: str = _help("conversations whose user turns the target answers (MT-bench stays held out)",
+                         default="chitchat")
+    conversations: int = _help("conversations read from --dataset", default=400)
+    max_turns: int = _help("user turns answered per conversation", default=2)
+    self_prompts: int = _help("prompts the target writes itself, mixed in", default=200)
+    max_new_tokens: int = _help("tokens per regenerated answer", default=192)
+    max_length: int = _help("truncate training rows to this many tokens", default=512)
     eval_prompts: int = _help("MT-bench questions to evaluate on (first turns)", default=10)
-    max_new_tokens: int = _help("new tokens per evaluated answer", default=96)
+    eval_new_tokens: int = _help("new tokens per evaluated answer", default=96)
 
 
 STAGES: dict[str, type] = {
     "prepare": PrepareConfig,
     "view": ViewConfig,
+    "regenerate": RegenerateConfig,
     "train": TrainConfig,
     "features": FeaturesConfig,
     "eval": EvalConfig,

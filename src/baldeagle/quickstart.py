@@ -1,18 +1,41 @@
-"""`baldeagle quickstart`: the pipeline on the packaged default model, on a laptop CPU, in minutes.
+"""`baldeagle quickstart`: the whole pipeline on the packaged default model, on a laptop CPU.
 
-Each step is the same stage function the CLI runs, with a config built here; outputs land in one
-folder per stage under `out`, and a stage whose output already exists is skipped (a second run is
+Each step is the same stage function the CLI runs, with a config built here; every stage writes
+into its own place under `out` and is skipped when its output already exists (a second run is
 fast; an interrupted run resumes). This file doubles as the tutorial: read it top to bottom.
+
+    out/data/regenerated.jsonl   the target's own answers to chitchat + self-written prompts
+    out/prepared/                token ids + assistant-only loss mask      (out/mask.html shows it)
+    out/train/                   training checkpoints; out/draft/ is the trained EAGLE-3 draft
+    out/eval/eval.json           MT-bench (held out), tree mode, plus acceptance.png
+    out/eval/chain/eval.json     the same in chain mode
+    out/export/{vllm,sglang,speculators}/   what each engine loads, with its serving command
+    out/summary.json, out/summary.md
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from pathlib import Path
 
-from baldeagle.config import EvalConfig, PrepareConfig, QuickstartConfig, TrainConfig, ViewConfig, load_config
+from baldeagle.config import (
+    EvalConfig,
+    ExportConfig,
+    PrepareConfig,
+    QuickstartConfig,
+    RegenerateConfig,
+    TrainConfig,
+    ViewConfig,
+    load_config,
+)
 
 QUICKSTART_TRAIN = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+REGENERATE_SHARE, TRAIN_SHARE = 0.25, 0.40  # of --minutes; the rest: loading, prepare, eval, export
+MIN_TRAIN_MINUTES = 0.5
+K = 3  # chain draft length, and the k written into the serving commands
+TREE = {"tree_depth": 4, "tree_topk": 2, "tree_total_tokens": 8}  # on a CPU, verifying 8 tokens costs ~1.05x one
 
 
 def _stage(name: str, done: Path, timings: dict, run) -> None:
@@ -23,57 +46,109 @@ def _stage(name: str, done: Path, timings: dict, run) -> None:
     print(f"\nquickstart: {name} ...", flush=True)
     start = time.monotonic()
     run()
-    timings[name] = time.monotonic() - start
+    timings[name] = round(time.monotonic() - start, 1)
+
+
+def check_budget(cfg: QuickstartConfig) -> None:
+    if cfg.minutes * TRAIN_SHARE < MIN_TRAIN_MINUTES:
+        raise ValueError(
+            f"--minutes {cfg.minutes} is too small to train a useful draft: training gets {TRAIN_SHARE:.0%} of it "
+            f"({cfg.minutes * TRAIN_SHARE:.2f} min) and needs at least {MIN_TRAIN_MINUTES} min; "
+            f"use --minutes {MIN_TRAIN_MINUTES / TRAIN_SHARE:g} or more"
+        )
+    if cfg.conversations < 0 or cfg.self_prompts < 0 or (cfg.conversations == 0 and cfg.self_prompts == 0):
+        raise ValueError("quickstart needs prompts: --conversations and/or --self-prompts above 0")
 
 
 def run_quickstart(cfg: QuickstartConfig) -> dict:
     from baldeagle.data.prepare import run_prepare
+    from baldeagle.data.regenerate import run_regenerate
     from baldeagle.data.view import run_view
     from baldeagle.decode.bench import run_eval
+    from baldeagle.export import run_export
     from baldeagle.train.run import run_train
 
+    check_budget(cfg)
     root = Path(cfg.out)
-    prepared, draft, evals = root / "prepared", root / "draft", root / "eval"
+    regenerated, prepared, draft = root / "data" / "regenerated.jsonl", root / "prepared", root / "draft"
     timings: dict[str, float] = {}
 
-    # 1. Conversations → token ids + assistant-only loss mask, with the target's chat template.
+    # 1. The target answers chitchat's user turns and prompts it writes itself (MT-bench is held out).
+    _stage("regenerate", regenerated.with_name(regenerated.name + ".stats.json"), timings,
+           lambda: run_regenerate(RegenerateConfig(
+               model=cfg.model, dataset=cfg.dataset if cfg.conversations else "", out=str(regenerated),
+               limit=cfg.conversations, shuffle=True, max_turns=cfg.max_turns, self_prompts=cfg.self_prompts,
+               max_new_tokens=cfg.max_new_tokens, chunk_size=32, max_minutes=cfg.minutes * REGENERATE_SHARE)))
+    # 2. Conversations → token ids + assistant-only loss mask, with the target's chat template.
     _stage("prepare", prepared / "stats.json", timings, lambda: run_prepare(PrepareConfig(
-        model=cfg.model, dataset=cfg.dataset, out=str(prepared), limit=cfg.limit, shuffle=True,
-        max_length=cfg.max_length, overwrite=True)))
-    # 2. Look at what will be trained: the loss mask over the text, in the terminal and as HTML.
+        model=cfg.model, dataset=str(regenerated), out=str(prepared), max_length=cfg.max_length, overwrite=True)))
+    # 3. Look at what will be trained: the loss mask over the text, in the terminal and as HTML.
     run_view(ViewConfig(data=str(prepared), rows=1, max_tokens=120, html=str(root / "mask.html")))
-    # 3. Train an EAGLE-3 draft with the target online, for a fixed time budget.
+    # 4. Train an EAGLE-3 draft with the target online, for a fixed share of the budget.
     train_cfg = load_config(TrainConfig, QUICKSTART_TRAIN if QUICKSTART_TRAIN.is_file() else None, ("quickstart", {
-        "model": cfg.model, "data": str(prepared), "out": str(draft), "max_length": cfg.max_length,
-        "max_minutes": cfg.train_minutes, "overwrite": True}))
-    _stage("train", draft / "final" / "model.safetensors", timings, lambda: run_train(train_cfg))
-    # 4. What the draft buys: speculative vs plain decoding on held-out MT-bench prompts, exact.
-    results = {}
-    for mode in ("chain", "tree"):
-        out = evals / mode
-        eval_cfg = EvalConfig(model=cfg.model, draft=str(draft / "final"), out=str(out), mode=mode,
-                              limit=cfg.eval_prompts, first_turn_only=True, max_new_tokens=cfg.max_new_tokens,
-                              num_draft_tokens=3, tree_depth=4, tree_topk=2, tree_total_tokens=8)
-        # Small trees: on a CPU, verifying 24 tokens costs ~2x a one-token forward; 8 cost ~1.05x.
-        _stage(f"eval ({mode})", out / "eval.json", timings, lambda: run_eval(eval_cfg))
-        results[mode] = _read(out / "eval.json")
-    print(summary(results, timings, root))
-    return {"eval": results, "seconds": timings}
+        "model": cfg.model, "data": str(prepared), "out": str(root / "train"), "max_length": cfg.max_length,
+        "max_minutes": cfg.minutes * TRAIN_SHARE, "overwrite": True}))
+    _stage("train", draft / "model.safetensors", timings, lambda: _train_into(train_cfg, draft, run_train))
+    # 5. What the draft buys: speculative vs plain decoding on held-out MT-bench prompts, exact.
+    evals = {"tree": root / "eval", "chain": root / "eval" / "chain"}
+    for mode, out in evals.items():
+        eval_cfg = EvalConfig(model=cfg.model, draft=str(draft), out=str(out), mode=mode, num_draft_tokens=K,
+                              limit=cfg.eval_prompts, first_turn_only=True, max_new_tokens=cfg.eval_new_tokens,
+                              prompt_lookup=mode == "tree", **TREE)
+        _stage(f"eval ({mode})", out / "eval.json", timings, lambda eval_cfg=eval_cfg: run_eval(eval_cfg))
+    # 6. Export for the serving engines; each folder's README.md holds the exact serving command.
+    for fmt in ("vllm", "sglang", "speculators"):
+        export_cfg = ExportConfig(draft=str(draft), format=fmt, out=str(root / "export" / fmt),
+                                  num_speculative_tokens=K)
+        _stage(f"export ({fmt})", root / "export" / fmt / "config.json", timings,
+               lambda export_cfg=export_cfg: run_export(export_cfg))
+
+    results = {mode: json.loads((out / "eval.json").read_text()) for mode, out in evals.items()}
+    report = summary(results, timings, root)
+    print(report, flush=True)
+    (root / "summary.md").write_text(report + "\n")
+    data_stats = json.loads(regenerated.with_name(regenerated.name + ".stats.json").read_text())
+    result = {"eval": {m: {k: r[k] for k in SUMMARY_KEYS} for m, r in results.items()}, "seconds": timings,
+              "regenerated": {k: data_stats[k] for k in ("rows_total", "self_prompts", "generated_tokens")},
+              "train": _train_metrics(draft)}
+    (root / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
 
 
-def _read(path: Path) -> dict:
-    import json
+def _train_into(train_cfg: TrainConfig, draft: Path, run_train) -> None:
+    """Train into `train_cfg.out`, then copy the final draft to `draft` (complete, or not at all)."""
+    run_train(train_cfg)
+    partial = draft.with_name(draft.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(Path(train_cfg.out) / "final", partial)
+    shutil.rmtree(draft, ignore_errors=True)
+    partial.rename(draft)
 
-    return json.loads(path.read_text())
+
+def _train_metrics(draft: Path) -> dict:
+    metrics = json.loads((draft / "metrics.json").read_text()) if (draft / "metrics.json").is_file() else {}
+    history = metrics.get("log_history") or []
+    steps = max((row.get("step", 0) for row in history), default=0)
+    return {"steps": steps, "eval": metrics.get("eval", {}), "eval_before_training": metrics.get("eval_before_training", {})}
+
+
+SUMMARY_KEYS = ("acceptance_length", "per_position_acceptance", "tokens_per_second", "baseline_tokens_per_second",
+                "speedup", "outputs_match_baseline", "num_prompts", "new_tokens")
 
 
 def summary(results: dict, timings: dict, root: Path) -> str:
-    lines = ["", "quickstart summary (MT-bench first turns, greedy, outputs identical to plain decoding)",
-             "| mode | acceptance length | tokens/s | plain tokens/s | speedup | outputs match |",
+    lines = ["", "quickstart summary: MT-bench first turns (held out), greedy; speculative output vs plain decoding",
+             "| mode | acceptance length | tokens/s | plain tokens/s | speedup | outputs identical |",
              "|---|---|---|---|---|---|"]
     for mode, r in results.items():
         lines.append(f"| {mode} | {r['acceptance_length']:.2f} | {r['tokens_per_second']:.1f} | "
                      f"{r['baseline_tokens_per_second']:.1f} | {r['speedup']:.2f}x | {r['outputs_match_baseline']} |")
-    lines.append("time per stage: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
-    lines.append(f"outputs: {root}/prepared, {root}/mask.html, {root}/draft/final, {root}/eval/<mode>/eval.json")
+    lookup = results.get("tree", {}).get("prompt_lookup_tokens_per_second")
+    if lookup:
+        lines.append(f"prompt lookup decoding (no draft): {lookup:.1f} tokens/s")
+    lines.append("time per stage: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
+                 + f" (total {sum(timings.values()) / 60:.1f} min)")
+    lines.append(f"written: {root}/data/regenerated.jsonl, {root}/prepared, {root}/mask.html, {root}/draft, "
+                 f"{root}/eval/eval.json (+ acceptance.png, chain/), {root}/export/{{vllm,sglang,speculators}}")
+    lines.append(f"serve it: see {root}/export/vllm/README.md and {root}/export/sglang/README.md")
     return "\n".join(lines)

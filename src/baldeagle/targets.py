@@ -100,6 +100,15 @@ def load_target(name: str | None, dtype: torch.dtype = torch.float32, trust_remo
     return model
 
 
+def stop_token_ids(generation_config, tokenizer) -> tuple[int, ...]:
+    """Tokens that end an answer: the generation config's EOS ids (e.g. <|im_end|>) and the tokenizer's."""
+    eos = getattr(generation_config, "eos_token_id", None)
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if tokenizer.eos_token_id is not None:
+        eos.append(tokenizer.eos_token_id)
+    return tuple(sorted(set(eos)))
+
+
 def num_layers(config) -> int:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return int(text.num_hidden_layers)

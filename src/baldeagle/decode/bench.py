@@ -153,14 +153,6 @@ def _check_lengths(tokenizer, prompts: list[Prompt], max_new_tokens: int, contex
             )
 
 
-def _eos_ids(target, tokenizer) -> tuple[int, ...]:
-    eos = target.generation_config.eos_token_id
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    if tokenizer.eos_token_id is not None:
-        eos.append(tokenizer.eos_token_id)
-    return tuple(sorted(set(eos)))
-
-
 # ------------------------------------------------------------------------------------------
 # Decoding side by side
 # ------------------------------------------------------------------------------------------
@@ -260,7 +252,7 @@ def run_eval(cfg: EvalConfig) -> dict:
 
     from baldeagle.io import atomic_write_json, provenance
     from baldeagle.model.checkpoint import load_draft
-    from baldeagle.targets import load_target, load_tokenizer
+    from baldeagle.targets import load_target, load_tokenizer, stop_token_ids
 
     settings = _settings(cfg)  # bad k / top_p / temperature fail here, before anything loads
     if cfg.target_dtype not in DTYPES:
@@ -280,7 +272,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     context = int(getattr(target.config.get_text_config(), "max_position_embeddings", 0) or 0)
     if context:
         _check_lengths(tokenizer, prompts, cfg.max_new_tokens, context)
-    settings = _settings(cfg, _eos_ids(target, tokenizer))
+    settings = _settings(cfg, stop_token_ids(target.generation_config, tokenizer))
     # CPU float32: pre-pack linear weights for all three decoders alike (multi-token forwards get cheap)
     packed = pack_linears(target)
     pack_linears(draft)

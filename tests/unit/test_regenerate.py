@@ -1,0 +1,148 @@
+"""`regenerate` on a tiny saved target: answers equal the target's own greedy `generate`, turn by turn;
+resume after a kill neither duplicates nor loses rows; bad rows are counted; self-written prompts."""
+
+import json
+
+import pytest
+from tiny_chat import char_tokenizer
+from tiny_targets import tiny_target
+
+from baldeagle.config import PrepareConfig, RegenerateConfig
+from baldeagle.data.prepare import load_prepared, run_prepare
+from baldeagle.data.regenerate import read_done, run_regenerate
+
+CONVERSATIONS = [
+    {"messages": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "old answer"},
+                  {"role": "user", "content": "And then?"}, {"role": "assistant", "content": "old"}]},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]},
+    {"messages": [{"role": "assistant", "content": "no user turn here"}]},
+    {"messages": [{"role": "user", "content": "Tell me a story about a cat"}]},
+    {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"},
+                  {"role": "user", "content": "Why?"}, {"role": "user", "content": "Really?"}]},
+]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("regen")
+    tokenizer = char_tokenizer()
+    target = tiny_target("llama", max_position_embeddings=512)
+    target.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    target.save_pretrained(root / "target")
+    tokenizer.save_pretrained(root / "target")
+    data = root / "chats.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in CONVERSATIONS))
+    return root, target, tokenizer
+
+
+def config(saved, out, **overrides):
+    root, _, _ = saved
+    return RegenerateConfig(**{"model": str(root / "target"), "dataset": str(root / "chats.jsonl"), "out": str(out),
+                               "max_new_tokens": 10, "batch_size": 3, "chunk_size": 2, **overrides})
+
+
+def reference_answer(target, tokenizer, messages) -> str:
+    """The target's own greedy answer, one prompt at a time (no padding, no batching)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    out = target.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=target.generation_config.eos_token_id,
+                          pad_token_id=0)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_answers_are_the_targets_greedy_answers_turn_by_turn(saved, tmp_path):
+    _, target, tokenizer = saved
+    stats = run_regenerate(config(saved, tmp_path / "out.jsonl"))
+    rows = {r["id"]: r["messages"] for r in read_done(tmp_path / "out.jsonl")}
+    assert sorted(rows) == ["chats.jsonl:0", "chats.jsonl:1", "chats.jsonl:3", "chats.jsonl:4"]
+    assert stats["skipped"] == {"no_user_turn": 1} and stats["rows_total"] == 4
+    for messages in rows.values():
+        history = []
+        for message in messages:
+            if message["role"] == "assistant":  # each answer is the target's greedy answer to what precedes it
+                assert message["content"] == reference_answer(target, tokenizer, history)
+            history.append(message)
+    # user turns (and the system message) are kept in order; the old answers are gone
+    assert [m["content"] for m in rows["chats.jsonl:0"] if m["role"] == "user"] == ["Hi there", "And then?"]
+    assert "old answer" not in json.dumps(rows["chats.jsonl:0"])
+    assert rows["chats.jsonl:1"][0] == {"role": "system", "content": "Be brief."}
+    assert [m["role"] for m in rows["chats.jsonl:4"]] == ["user", "assistant"] * 3
+    assert stats["answers"] == 7 and stats["generated_tokens"] > 0
+
+
+def test_output_is_what_prepare_reads(saved, tmp_path):
+    root, _, _ = saved
+    run_regenerate(config(saved, tmp_path / "out.jsonl", max_turns=1))
+    stats = run_prepare(PrepareConfig(model=str(root / "target"), dataset=str(tmp_path / "out.jsonl"),
+                                      out=str(tmp_path / "prepared"), num_proc=1))
+    dataset, _ = load_prepared(tmp_path / "prepared")
+    assert len(dataset) == 4 and stats["rows_kept"] == 4
+    assert all(sum(row["loss_mask"]) > 0 for row in dataset)
+
+
+def test_resume_after_a_kill_neither_duplicates_nor_loses_rows(saved, tmp_path):
+    full = tmp_path / "full.jsonl"
+    run_regenerate(config(saved, full))
+    expected = full.read_text().splitlines()
+    # A kill after the first chunk, in the middle of writing the second: one full line, one cut line.
+    killed = tmp_path / "killed.jsonl"
+    killed.write_text(expected[0] + "\n" + expected[1][: len(expected[1]) // 2])
+    stats = run_regenerate(config(saved, killed))
+    assert killed.read_text().splitlines() == [expected[0], *expected[1:]]
+    assert stats["rows_already_done"] == 1 and stats["rows_written_this_run"] == 3
+    # A second complete run finds everything done and writes nothing.
+    again = run_regenerate(config(saved, killed))
+    assert again["rows_written_this_run"] == 0 and killed.read_text().splitlines() == expected
+
+
+def test_time_budget_stops_after_a_chunk_and_a_later_run_finishes(saved, tmp_path):
+    out = tmp_path / "out.jsonl"
+    stats = run_regenerate(config(saved, out, max_minutes=1e-6))
+    assert stats["rows_written_this_run"] == 2 and stats["rows_left"] == 2  # chunk_size 2, of 4 answerable
+    stats = run_regenerate(config(saved, out))
+    assert stats["rows_total"] == 4 and stats["rows_already_done"] == 2 and stats["rows_left"] == 0
+
+
+def test_self_written_prompts_are_distinct_and_answered(saved, tmp_path):
+    out = tmp_path / "self.jsonl"
+    stats = run_regenerate(config(saved, out, dataset="", self_prompts=3, self_prompt_max_tokens=64,
+                                  self_prompt_temperature=1.5, batch_size=8))
+    prompts = read_done(out.with_name("self.jsonl.self_prompts.jsonl"))
+    texts = [p["prompt"] for p in prompts]
+    assert len(texts) == 3 and len(set(texts)) == 3 and all(len(t) >= 10 for t in texts)
+    rows = read_done(out)
+    assert stats["self_prompts"] == 3 and sorted(r["id"] for r in rows) == ["self:0", "self:1", "self:2"]
+    assert {r["messages"][0]["content"] for r in rows} == set(texts)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"dataset": "", "self_prompts": 0}, "nothing to regenerate"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"backend": "tgi"}, "backend"),
+])
+def test_bad_settings_are_refused(saved, tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        run_regenerate(config(saved, tmp_path / "out.jsonl", **overrides))
+
+
+def test_a_dataset_without_a_usable_prompt_is_refused(saved, tmp_path):
+    data = tmp_path / "none.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "assistant", "content": "only an answer"}]}) + "\n")
+    with pytest.raises(ValueError, match="no conversation has a user turn"):
+        run_regenerate(config(saved, tmp_path / "out.jsonl", dataset=str(data)))
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_garbled_output_file_is_named(saved, tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"id": "a", "messages": []}\nnot json\n')
+    with pytest.raises(ValueError, match="line 2"):
+        run_regenerate(config(saved, out))
+
+
+def test_sampling_is_reproducible(saved, tmp_path):
+    first = run_regenerate(config(saved, tmp_path / "a.jsonl", temperature=1.0, top_p=0.9, max_turns=1))
+    second = run_regenerate(config(saved, tmp_path / "b.jsonl", temperature=1.0, top_p=0.9, max_turns=1))
+    assert first["answers"] == second["answers"]
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
