@@ -137,7 +137,7 @@ def _normalised(text: str) -> str:
     return re.sub(r"[\W_]+", " ", text.lower()).strip()
 
 
-def write_self_prompts(cfg: RegenerateConfig, generator, path: Path) -> list[dict]:
+def write_self_prompts(cfg: RegenerateConfig, generator, path: Path, counts: Counter) -> list[dict]:
     """Sample user prompts from the target until `cfg.self_prompts` distinct ones are on disk."""
     rows = read_done(path)
     if len(rows) >= cfg.self_prompts:
@@ -153,6 +153,7 @@ def write_self_prompts(cfg: RegenerateConfig, generator, path: Path) -> list[dic
         attempts += count
         new = []
         for completion in generator([prefix] * count, sampling):
+            counts["self_prompt_tokens"] += len(completion.tokens)
             text = generator.tokenizer.decode(completion.tokens, skip_special_tokens=True).strip()
             reason = ("cut_at_max_tokens" if not completion.finished else "too_short" if len(text) < MIN_PROMPT_CHARS
                       else "duplicate" if _normalised(text) in seen else "")
@@ -246,9 +247,10 @@ def run_regenerate(cfg: RegenerateConfig) -> dict:
     generator = make_generator(cfg.backend, cfg.model, cfg.target_dtype, cfg.batch_size, cfg.tensor_parallel_size,
                                cfg.trust_remote_code, cfg.seed)
     start = time.monotonic()
+    counts: Counter = Counter()
     self_rows = []
     if cfg.self_prompts:
-        self_rows = write_self_prompts(cfg, generator, out.with_name(out.name + ".self_prompts.jsonl"))
+        self_rows = write_self_prompts(cfg, generator, out.with_name(out.name + ".self_prompts.jsonl"), counts)
     conversations += [Conversation(r["id"], [r["prompt"]], cfg.system_prompt) for r in self_rows]
     # Mixed order (seeded): a time-boxed or interrupted run keeps a sample of every source.
     random.Random(cfg.seed).shuffle(conversations)
@@ -260,7 +262,6 @@ def run_regenerate(cfg: RegenerateConfig) -> dict:
     if generator.context:
         max_prompt = min(max_prompt, generator.context - cfg.max_new_tokens)
     sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)
-    counts: Counter = Counter()
     written = processed = 0
     bar = tqdm(total=len(pending), desc="regenerate", unit="conv")
     for first in range(0, len(pending), cfg.chunk_size):
@@ -275,7 +276,7 @@ def run_regenerate(cfg: RegenerateConfig) -> dict:
         written += len(rows)
         processed += len(chunk)
         bar.update(len(chunk))
-        bar.set_postfix(tok_s=f"{counts['generated_tokens'] / (time.monotonic() - start):.0f}")
+        bar.set_postfix(answer_tokens=counts["generated_tokens"])
     bar.close()
 
     seconds = time.monotonic() - start
@@ -287,8 +288,9 @@ def run_regenerate(cfg: RegenerateConfig) -> dict:
         "rows_left": len(pending) - processed,
         "self_prompts": len(self_rows), "skipped": dict(skipped), "answers": counts["answers"],
         "answers_cut_at_max_new_tokens": counts["answers_cut_at_max_new_tokens"],
-        "generated_tokens": counts["generated_tokens"], "seconds": round(seconds, 1),
-        "tokens_per_second": round(counts["generated_tokens"] / max(seconds, 1e-9), 1),
+        "generated_tokens": counts["generated_tokens"], "self_prompt_sampled_tokens": counts["self_prompt_tokens"],
+        "seconds": round(seconds, 1),
+        "tokens_per_second": round((counts["generated_tokens"] + counts["self_prompt_tokens"]) / max(seconds, 1e-9), 1),
         "settings": to_dict(cfg), "provenance": provenance(),
     }
     atomic_write_json(stats_path, stats)
