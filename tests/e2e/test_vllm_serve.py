@@ -175,3 +175,30 @@ def test_bare_vllm_serve_of_speculators_export(overfit_draft, served, tmp_path):
     assert result["outputs"] == json.loads((bench / "baseline.result.json").read_text())["outputs"]
     metrics = result["metrics"]
     assert metrics["num_drafts"] > 0 and metrics["num_accepted_tokens"] / metrics["num_drafts"] > 1.0
+
+
+def test_regenerate_with_the_vllm_backend_equals_transformers(tmp_path):
+    """`baldeagle regenerate --backend vllm`, run inside vLLM's venv (BaldEagle from src/), writes the
+    same greedy answers, turn by turn, as the Transformers backend in BaldEagle's own venv."""
+    from baldeagle.config import RegenerateConfig
+    from baldeagle.data.regenerate import read_done, run_regenerate
+    from baldeagle.targets import resolve_model
+
+    data = tmp_path / "chats.jsonl"
+    chats = [[{"role": "user", "content": "What is the capital of France?"}],
+             [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "old"},
+              {"role": "user", "content": "Name three colours."}],
+             [{"role": "system", "content": "Answer in one sentence."}, {"role": "user", "content": "Why is the sky blue?"}]]
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in chats))
+    target = resolve_model("smollm2")
+    settings = {"model": target, "dataset": str(data), "max_new_tokens": 24}
+    cli = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
+    run = subprocess.run([str(VLLM_PYTHON), "-m", "baldeagle.cli", "regenerate", *cli, "--backend=vllm",
+                          f"--out={tmp_path / 'vllm.jsonl'}"], capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT / "src")})
+    assert run.returncode == 0, run.stderr[-3000:]
+    run_regenerate(RegenerateConfig(**settings, out=str(tmp_path / "hf.jsonl")))
+    by_vllm = {r["id"]: r["messages"] for r in read_done(tmp_path / "vllm.jsonl")}
+    by_hf = {r["id"]: r["messages"] for r in read_done(tmp_path / "hf.jsonl")}
+    assert sorted(len(m) for m in by_hf.values()) == [2, 3, 4]
+    assert by_vllm == by_hf

@@ -85,6 +85,11 @@ class HFGenerator:
 class VLLMGenerator:
     def __init__(self, model: str, dtype: str = "float32", tensor_parallel_size: int = 1,
                  trust_remote_code: bool = False, seed: int = 0):
+        import os
+
+        on_cpu = not torch.cuda.is_available()
+        if on_cpu:  # vLLM's CPU build sizes its KV cache from this variable (GiB)
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
         try:
             from vllm import LLM
         except ImportError:
@@ -101,8 +106,9 @@ class VLLMGenerator:
         except OSError:  # no generation_config.json: the tokenizer's EOS alone
             generation_config = None
         self.stop = stop_token_ids(generation_config, self.tokenizer)
+        # enforce_eager on CPUs: torch.compile there costs minutes of warm-up for little gain
         self.llm = LLM(model=path, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
-                       trust_remote_code=trust_remote_code, seed=seed)
+                       trust_remote_code=trust_remote_code, seed=seed, enforce_eager=on_cpu)
         self.context = int(self.llm.llm_engine.model_config.max_model_len)
 
     def __call__(self, prompts: list[list[int]], sampling: Sampling) -> list[Completion]:
