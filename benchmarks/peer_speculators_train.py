@@ -10,9 +10,10 @@ The draft is built exactly as `speculators train` builds it on its default EAGLE
 window 2048, KL loss, TTT unroll) but with `draft_attn_impl="sdpa"` and the eager loss, as
 flex attention has no CPU backward and the fused loss needs Triton. Its `Trainer` assumes
 CUDA, so this script drives the model with a plain loop that repeats the Trainer's step
-(forward -> zero_grad -> backward -> clip_grad_norm 1.0 -> AdamW step), in float32 without
-autocast and without LR scheduler. Hidden states come online from a Transformers target,
-laid out as its vLLM data path delivers them (see `target_features`).
+(forward -> zero_grad -> backward -> clip_grad_norm 1.0 -> AdamW step), the draft in float32
+without autocast and without LR scheduler. Hidden states come online from a Transformers target
+(in --target-dtype, float32 by default), laid out as its vLLM data path delivers them (see
+`target_features`).
 """
 
 import argparse
@@ -43,6 +44,7 @@ def parse_args():
     p.add_argument("--target-layer-ids", type=int, nargs="+", default=[2, 15, 27])
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--target-dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the result JSON here")
     return p.parse_args()
@@ -126,7 +128,8 @@ def target_features(target, layer_ids, ids, mask):
 
     hidden_states: hidden_states[i] (input of decoder layer i, = vLLM's aux layer i) for
     i in layer_ids, concatenated to 3H; verifier_last_hidden_states: output of the last
-    decoder layer before the final norm (speculators applies norm + lm_head itself).
+    decoder layer before the final norm (speculators applies norm + lm_head itself). Both in
+    float32, the draft's dtype, whatever the target's.
     Rows are then shifted as speculators.models.eagle3.data.shift_batch does and packed
     like its collate_fn (document_ids = row index, positions restart per row at 1).
     """
@@ -135,13 +138,13 @@ def target_features(target, layer_ids, ids, mask):
         lambda _m, inp: captured.__setitem__("pre_norm", inp[0]))
     out = target.model(input_ids=ids, output_hidden_states=True, use_cache=False)
     hook.remove()
-    aux = torch.cat([out.hidden_states[i] for i in layer_ids], dim=-1)
+    aux = torch.cat([out.hidden_states[i] for i in layer_ids], dim=-1).float()
     B, S = ids.shape
     flat = lambda t: t.reshape(1, B * (S - 1), *t.shape[2:])  # noqa: E731
     return dict(
         input_ids=flat(ids[:, 1:]),
         hidden_states=flat(aux[:, :-1]),
-        verifier_last_hidden_states=flat(captured["pre_norm"][:, 1:]),
+        verifier_last_hidden_states=flat(captured["pre_norm"][:, 1:].float()),
         loss_mask=flat(mask[:, 1:]),
         position_ids=flat(torch.arange(1, S).expand(B, S - 1)),
         document_ids=flat(torch.arange(B).unsqueeze(1).expand(B, S - 1)),
@@ -158,7 +161,7 @@ def main():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.target)
-    target = AutoModelForCausalLM.from_pretrained(args.target, dtype=torch.float32).eval()
+    target = AutoModelForCausalLM.from_pretrained(args.target, dtype=getattr(torch, args.target_dtype)).eval()
     n_steps = args.warmup_steps + args.repeats * args.steps
     ids, mask = load_rows(args, tokenizer, n_steps * args.batch_size)
     draft = build_draft(args, ids, mask).train()

@@ -2,8 +2,9 @@
 
 Both train an EAGLE-3 draft for the packaged SmolLM2 with the target online (its forward is
 timed too), on the same packed chitchat sequences of --seq-len tokens, one sequence per step,
-the same TTT steps, draft vocabulary and learning rate. Each side runs in its own process (and
-its own virtual environment for the peer), alternating, --rounds times; we quote medians.
+the same TTT steps, draft vocabulary and learning rate, and the target in the same precision
+(--target-dtype; both drafts train in float32). Each side runs in its own process (and its own
+virtual environment for the peer), alternating, --rounds times; we quote medians.
 
     .venv/bin/python benchmarks/train_throughput.py --prepared runs/quickstart/prepared \
         --seq-len 512 --ttt-steps 3 --draft-vocab 8192 --steps 10 --warmup-steps 3 --rounds 3
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -38,6 +40,8 @@ def parse_args():
     p.add_argument("--warmup-steps", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--target-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="precision of the frozen target, on both sides")
     p.add_argument("--worker", choices=["ours"], help=argparse.SUPPRESS)
     p.add_argument("--packed", help=argparse.SUPPRESS)
     p.add_argument("--out", default="", help="write the summary JSON here")
@@ -98,31 +102,36 @@ def run_ours(args) -> dict:
     with tempfile.TemporaryDirectory() as out:
         train_run.run_train(TrainConfig(
             data=args.packed, out=out, ttt_steps=args.ttt_steps, draft_vocab_size=args.draft_vocab,
-            max_length=args.seq_len, learning_rate=args.lr, warmup_steps=0, max_steps=total,
+            max_length=args.seq_len, target_dtype=args.target_dtype, learning_rate=args.lr, warmup_steps=0, max_steps=total,
             per_device_train_batch_size=1, logging_steps=1000, save_steps=100000, eval_fraction=0.0,
             training_args={"train_sampling_strategy": "sequential", "disable_tqdm": True},
         ))
     timed = times[args.warmup_steps:]
-    trained = [sum(rows[i]["loss_mask"]) for i in range(args.warmup_steps, total)]
+    # Trained tokens as the peer counts them: loss-masked tokens a position predicts (not x_0).
+    trained = [sum(rows[i]["loss_mask"][1:]) for i in range(args.warmup_steps, total)]
     return summarise("baldeagle", timed, trained, args.seq_len)
 
 
 def summarise(name: str, times: list[float], trained: list[int], seq_len: int) -> dict:
-    step = statistics.median(times)
+    """The peer script's statistics: rates over the whole timed window, plus the median step."""
     return {
         "name": name,
-        "median_step_s": step,
-        "steps_per_s": 1.0 / step,
-        "plain_tokens_per_s": seq_len / step,
-        "trained_tokens_per_s": statistics.median(t / s for t, s in zip(trained, times)),
+        "median_step_s": statistics.median(times),
+        "steps_per_s": len(times) / sum(times),
+        "plain_tokens_per_s": seq_len * len(times) / sum(times),
+        "trained_tokens_per_s": sum(trained) / sum(times),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
 
 def run_side(cmd: list[str]) -> dict:
+    """One run of one side; notes the 1-minute load average before and after (other jobs skew times)."""
+    before = os.getloadavg()[0]
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         subprocess.run([*cmd, "--out", out.name], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-        return json.loads(Path(out.name).read_text())
+        result = json.loads(Path(out.name).read_text())
+    result["load_1m_before_after"] = [round(before, 2), round(os.getloadavg()[0], 2)]
+    return result
 
 
 def main() -> None:
@@ -135,7 +144,7 @@ def main() -> None:
         raise SystemExit("peer venv missing: bash benchmarks/setup_speculators_venv.sh")
     common = ["--seq-len", str(args.seq_len), "--ttt-steps", str(args.ttt_steps), "--draft-vocab",
               str(args.draft_vocab), "--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps),
-              "--threads", str(args.threads), "--lr", str(args.lr)]
+              "--threads", str(args.threads), "--lr", str(args.lr), "--target-dtype", args.target_dtype]
     with tempfile.TemporaryDirectory() as tmp:
         packed = pack(args.prepared, args.seq_len, args.warmup_steps + args.steps, Path(tmp) / "packed")
         ours_cmd = [sys.executable, __file__, "--worker", "ours", "--packed", str(packed), "--prepared",
@@ -145,8 +154,10 @@ def main() -> None:
         for round_ in range(args.rounds):
             results["baldeagle"].append(run_side(ours_cmd))
             results["speculators"].append(run_side(peer_cmd))
-            print(f"round {round_ + 1}: ours {results['baldeagle'][-1]['trained_tokens_per_s']:.0f} trained tok/s, "
-                  f"speculators {results['speculators'][-1]['trained_tokens_per_s']:.0f}", flush=True)
+            ours, peer = results["baldeagle"][-1], results["speculators"][-1]
+            print(f"round {round_ + 1}: ours {ours['trained_tokens_per_s']:.0f} trained tok/s "
+                  f"(load {ours['load_1m_before_after']}), speculators {peer['trained_tokens_per_s']:.0f} "
+                  f"(load {peer['load_1m_before_after']})", flush=True)
     report(args, results)
 
 
@@ -160,6 +171,7 @@ def report(args, results: dict) -> None:
                      med(side, "steps_per_s"), max(r["peak_rss_mib"] for r in results[side])))
     ratio = rows[0][1] / rows[1][1]
     print(f"\nseq_len={args.seq_len} ttt_steps={args.ttt_steps} draft_vocab={args.draft_vocab} "
+          f"target_dtype={args.target_dtype} "
           f"rounds={args.rounds} steps/round={args.steps} (medians)")
     print("| trainer | trained tok/s | tok/s | steps/s | peak RSS MiB |\n|---|---|---|---|---|")
     for name, trained, tokens, steps, rss in rows:
