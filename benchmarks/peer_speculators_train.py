@@ -204,6 +204,7 @@ def main():
             "mean_step_s": statistics.fmean(secs),
             "steps_per_s": len(secs) / sum(secs),
             "trained_tokens_per_s": sum(r[2] for r in w) / sum(secs),
+            "trained_tokens_per_cpu_s": sum(r[2] for r in w) / sum(r[3] for r in w),
             "median_trained_tokens_per_s": statistics.median(r[2] / r[0] for r in w),
             "plain_tokens_per_s": plain * len(secs) / sum(secs),
             "median_plain_tokens_per_s": statistics.median(plain / dt for dt in secs),
@@ -226,6 +227,7 @@ def main():
         "median_step_s": med("median_step_s"),
         "steps_per_s": med("steps_per_s"),
         "trained_tokens_per_s": med("trained_tokens_per_s"),
+        "trained_tokens_per_cpu_s": med("trained_tokens_per_cpu_s"),
         "plain_tokens_per_s": med("plain_tokens_per_s"),
         "masked_fraction": sum(r[2] for r in records)
         / (len(records) * args.batch_size * (args.seq_len - 1)),
