@@ -316,6 +316,7 @@ def load_exported(folder: str | Path, target=None, device: str | torch.device = 
     kind, layer = described["kind"], described["layer"]
     if kind not in ("eagle1", "eagle3"):
         raise ValueError(f"{folder} holds no EAGLE draft an engine loads")
+    _refuse_other_layouts(folder, config)
     target_name = info.get("target_model") or ((config.get("speculators_config") or {}).get("verifier") or {}).get("name_or_path", "")
     layers = info.get("target_num_layers")
     if not layers:
@@ -373,6 +374,19 @@ def load_exported(folder: str | Path, target=None, device: str | torch.device = 
 # ------------------------------------------------------------------------------------------
 # Stage
 # ------------------------------------------------------------------------------------------
+
+
+def _refuse_other_layouts(folder: Path, config: dict) -> None:
+    """speculators' layout flags that describe another layer than BaldEagle's (which would load
+    without error and compute other logits). vLLM reads an absent norm_before_residual as true."""
+    if "speculators_config" not in config:
+        return
+    flags = [f for f in ("norm_before_fc", "fc_norm", "norm_output") if config.get(f)]
+    if config.get("norm_before_residual", True) is not False:
+        flags.insert(0, "norm_before_residual")
+    if flags:
+        raise ValueError(f"{folder}: speculators flags {', '.join(flags)} describe a draft layer BaldEagle's EAGLE-3 "
+                         "does not implement; loading it would compute other logits")
 
 
 def recorded_target(folder: str | Path) -> str:

@@ -185,6 +185,21 @@ def test_eagle3_round_trip_identical_logits(tmp_path, family, fmt):
     assert torch.equal(draft_logits(loaded, target), draft_logits(draft, target))
 
 
+@pytest.mark.parametrize("flag, value", [("norm_before_residual", True), ("norm_before_residual", None),
+                                         ("norm_output", True), ("norm_before_fc", True)])
+def test_load_refuses_speculators_layouts_it_does_not_implement(tmp_path, flag, value):
+    target, draft = make_draft()
+    out = export(draft, target, tmp_path / "x", "speculators")
+    config = json.loads((out / "config.json").read_text())
+    if value is None:
+        config.pop(flag)  # vLLM reads an absent norm_before_residual as true
+    else:
+        config[flag] = value
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=flag):
+        load_exported(out, target=target)
+
+
 @pytest.mark.parametrize("fmt", ["sglang", "vllm"])
 def test_eagle1_round_trip(tmp_path, fmt):
     target, draft = make_draft("eagle1", family="qwen2")  # attention biases and linear RoPE too
