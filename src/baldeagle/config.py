@@ -217,7 +217,7 @@ class QuickstartConfig:
                          default="chitchat")
     conversations: int = _help("conversations read from --dataset", default=400)
     max_turns: int = _help("user turns answered per conversation", default=2)
-    self_prompts: int = _help("prompts the target writes itself, mixed in", default=200)
+    self_prompts: int = _help("prompts the target writes itself, mixed in", default=100)
     max_new_tokens: int = _help("tokens per regenerated answer", default=192)
     max_length: int = _help("truncate training rows to this many tokens", default=512)
     eval_prompts: int = _help("MT-bench questions to evaluate on (first turns)", default=10)

@@ -87,7 +87,9 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     # 4. Train an EAGLE-3 draft with the target online, for a fixed share of the budget.
     train_cfg = load_config(TrainConfig, QUICKSTART_TRAIN if QUICKSTART_TRAIN.is_file() else None, ("quickstart", {
         "model": cfg.model, "data": str(prepared), "out": str(root / "train"), "max_length": cfg.max_length,
-        "max_minutes": cfg.minutes * TRAIN_SHARE, "overwrite": True}))
+        "max_minutes": cfg.minutes * TRAIN_SHARE, "overwrite": True,
+        # The clock ends training, not the epoch count: a small regenerated set is seen several times.
+        "num_train_epochs": 50, "lr_scheduler_type": "constant_with_warmup", "warmup_steps": 20}))
     _stage("train", draft / "model.safetensors", timings, lambda: _train_into(train_cfg, draft, run_train))
     # 5. What the draft buys: speculative vs plain decoding on held-out MT-bench prompts, exact.
     evals = {"tree": root / "eval", "chain": root / "eval" / "chain"}
