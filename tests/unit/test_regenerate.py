@@ -9,7 +9,8 @@ from tiny_targets import tiny_target
 
 from baldeagle.config import PrepareConfig, RegenerateConfig
 from baldeagle.data.prepare import load_prepared, run_prepare
-from baldeagle.data.regenerate import read_done, run_regenerate
+from baldeagle.data.generation import HFGenerator, Sampling
+from baldeagle.data.regenerate import open_user_turn, read_done, run_regenerate
 
 CONVERSATIONS = [
     {"messages": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "old answer"},
@@ -146,3 +147,21 @@ def test_sampling_is_reproducible(saved, tmp_path):
     second = run_regenerate(config(saved, tmp_path / "b.jsonl", temperature=1.0, top_p=0.9, max_turns=1))
     assert first["answers"] == second["answers"]
     assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
+
+
+def test_a_sampled_batch_can_stop_once_most_rows_are_finished(saved):
+    """finish_fraction < 1 ends the batch at the step where that share of rows has finished: the
+    finished rows are exactly those of the full run (same seed), the others are cut prefixes of it."""
+    root, _, tokenizer = saved
+    generator = HFGenerator(str(root / "target"), batch_size=16)
+    prompts = [open_user_turn(tokenizer, "")] * 16  # what self-prompt sampling generates from
+    full = generator(prompts, Sampling(max_new_tokens=60, temperature=1.5, top_p=0.95, seed=3))
+    early = generator(prompts, Sampling(max_new_tokens=60, temperature=1.5, top_p=0.95, seed=3, finish_fraction=0.25))
+    ends = sorted(len(c.tokens) + 1 for c in full if c.finished)  # the step that produced each stop token
+    assert len(ends) >= 4 and ends[3] < max(len(c.tokens) for c in full), "the test needs rows that end late"
+    assert sum(c.finished for c in early) >= 4
+    for short, whole in zip(early, full):
+        if short.finished:
+            assert short == whole
+        else:
+            assert len(short.tokens) == ends[3] and whole.tokens[:ends[3]] == short.tokens

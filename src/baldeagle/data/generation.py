@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from baldeagle.decode.speculative import pack_linears
 from baldeagle.targets import load_target, load_tokenizer, resolve_model, stop_token_ids
@@ -28,6 +29,10 @@ class Sampling:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     seed: int = 0
+    # Transformers batches run until their longest row ends; below 1, a batch stops once this share
+    # of its rows has reached a stop token and the rest come back cut (`finished=False`). vLLM's
+    # continuous batching has no such waste and ignores it.
+    finish_fraction: float = 1.0
 
 
 @dataclass
@@ -41,6 +46,18 @@ def _cut_at_stop(tokens: list[int], stop: tuple[int, ...]) -> Completion:
         if token in stop:
             return Completion(tokens[:k], True)
     return Completion(tokens, False)
+
+
+class _EnoughRowsFinished(StoppingCriteria):
+    """Stops the whole batch once `fraction` of its rows has produced a stop token."""
+
+    def __init__(self, prompt_width: int, stop: tuple[int, ...], fraction: float):
+        self.prompt_width, self.fraction = prompt_width, fraction
+        self.stop = torch.tensor(stop)
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        finished = torch.isin(input_ids[:, self.prompt_width:], self.stop).any(dim=1)
+        return finished.new_full(finished.shape, bool(finished.float().mean() >= self.fraction))
 
 
 class HFGenerator:
@@ -75,6 +92,9 @@ class HFGenerator:
         options = {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0} if sample else {}
         if sample:
             torch.manual_seed(sampling.seed * 100_003 + batch_number)  # reproducible, different per batch
+        if sampling.finish_fraction < 1:
+            options["stopping_criteria"] = StoppingCriteriaList(
+                [_EnoughRowsFinished(width, self.stop, sampling.finish_fraction)])
         out = self.model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_new_tokens, do_sample=sample,
             eos_token_id=list(self.stop), pad_token_id=self.pad_id, **options,
