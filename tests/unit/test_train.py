@@ -94,6 +94,8 @@ def test_bad_data_and_settings_fail_before_training(workspace, tmp_path):
         run_train(config(workspace, "x3", aux_layer_ids=[1, 2, 9]))
     with pytest.raises(ValueError, match="training_args"):
         run_train(config(workspace, "x4", training_args={"not_a_trainer_field": 1}))
+    with pytest.raises(ValueError, match="ttt_step_weight"):
+        run_train(config(workspace, "x5", ttt_step_weight=0.0))
     assert not (workspace["root"] / "x1").exists()
 
 

@@ -190,3 +190,21 @@ def test_eagle1_left_padding_changes_nothing():
     # the pad rows predict tokens 0..1 of the real sequence; with a careless loss mask they would count
     assert int(padded_metrics["count"]) == int(plain_metrics["count"])
     torch.testing.assert_close(padded, plain, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.5])
+def test_the_objective_weighs_ttt_step_k_by_weight_to_the_k(weight):
+    from baldeagle.data.features import TargetFeatures
+    from baldeagle.train.objective import DraftObjective
+
+    target = tiny_target("llama")
+    draft, cfg = tiny_draft(target, "eagle3", draft_vocab_size=128, seed=3)
+    ids = torch.randint(3, cfg.vocab_size, (2, 19), generator=torch.Generator().manual_seed(4))
+    attention_mask = torch.ones_like(ids)
+    hidden_states, logits = target_outputs(target, ids, attention_mask)
+    batch = {"input_ids": ids, "attention_mask": attention_mask, "loss_mask": torch.ones_like(ids)}
+    loss, sums = DraftObjective(draft, ttt_steps=3, ttt_step_weight=weight)(
+        batch, TargetFeatures(draft_features(hidden_states, cfg), hidden_states[-1], logits))
+    step_means = [sums[f"loss_{k}"] / sums[f"count_{k}"] for k in range(3)]
+    assert abs(step_means[1] - step_means[0]) > 1e-3  # the weights are visible in the total
+    torch.testing.assert_close(loss, sum(weight**k * m for k, m in enumerate(step_means)), atol=1e-5, rtol=1e-5)

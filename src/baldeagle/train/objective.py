@@ -14,10 +14,11 @@ from baldeagle.train.ttt import eagle1_forward, ttt_forward
 
 
 class DraftObjective(nn.Module):
-    def __init__(self, draft: nn.Module, ttt_steps: int = 7, feature_noise: float = 0.2):
+    def __init__(self, draft: nn.Module, ttt_steps: int = 7, feature_noise: float = 0.2, ttt_step_weight: float = 0.8):
         super().__init__()
         self.draft = draft
         self.ttt_steps = ttt_steps
+        self.ttt_step_weight = ttt_step_weight
         self.feature_noise = feature_noise
 
     def forward(self, batch: dict[str, torch.Tensor], target: TargetFeatures):
@@ -33,7 +34,7 @@ class DraftObjective(nn.Module):
     def _eagle3(self, batch, target):
         out = ttt_forward(
             self.draft, batch["input_ids"], target.features, target.logits, batch["loss_mask"],
-            steps=self.ttt_steps, attention_mask=batch["attention_mask"],
+            steps=self.ttt_steps, attention_mask=batch["attention_mask"], decay=self.ttt_step_weight,
         )
         sums = {}
         for k, (loss, correct, count) in enumerate(zip(out.step_losses, out.correct, out.count)):

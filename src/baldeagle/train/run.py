@@ -40,6 +40,8 @@ def check_settings(cfg: TrainConfig) -> None:
         raise ConfigError("mode=offline needs features=DIR (a store written by baldeagle features)")
     if cfg.target_dtype not in DTYPES:
         raise ConfigError(f"target_dtype must be one of {sorted(DTYPES)}, got {cfg.target_dtype!r}")
+    if not 0 < cfg.ttt_step_weight <= 1:
+        raise ConfigError(f"ttt_step_weight must be in (0, 1], got {cfg.ttt_step_weight}")
     if cfg.ttt_steps < 1:
         raise ConfigError(f"ttt_steps must be at least 1, got {cfg.ttt_steps}")
     if not 0.0 <= cfg.eval_fraction < 1.0:
@@ -185,7 +187,7 @@ def run_train(cfg: TrainConfig) -> dict:
     else:
         del target  # offline: the store replaces the target's forward; free its memory
     trainer = EagleTrainer(
-        model=DraftObjective(draft, cfg.ttt_steps, cfg.feature_noise),
+        model=DraftObjective(draft, cfg.ttt_steps, cfg.feature_noise, cfg.ttt_step_weight),
         args=args,
         train_dataset=train_rows,
         eval_dataset=eval_rows,
