@@ -84,6 +84,8 @@ def parse_args(argv=None):
                    help="speculators' default: linear, warm-up 1%% of the scheduled steps")
     p.add_argument("--warmup-ratio", type=float, default=None, help="default: speculators' (1%%)")
     p.add_argument("--val-rows", type=int, default=64, help="held-out rows scored after training (0 = none)")
+    p.add_argument("--target-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="dtype of the frozen target's forward (the draft trains in float32 either way)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10)
@@ -309,7 +311,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, train, held = load_rows(args)
-    target = AutoModelForCausalLM.from_pretrained(args.target, dtype=torch.float32).eval()
+    target = AutoModelForCausalLM.from_pretrained(args.target, dtype=getattr(torch, args.target_dtype)).eval()
     num_layers = target.config.num_hidden_layers
     if args.target_layer_ids is None:
         args.target_layer_ids = [2, num_layers // 2, num_layers - 3]

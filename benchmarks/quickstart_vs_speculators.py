@@ -151,6 +151,7 @@ def train_peer(args, qs: dict, root: Path, out: Path) -> dict:
         "--lr", str(float(train["learning_rate"])),
         "--batch-size", str(int(train["per_device_train_batch_size"]) * int(train.get("gradient_accumulation_steps", 1))),
         "--max-length", str(int(train["max_length"])), "--seed", str(int(train.get("seed", 0))),
+        "--target-dtype", str(train.get("target_dtype", "float32")),  # the target runs as ours did in training
     ]
     if train.get("aux_layer_ids"):
         command += ["--target-layer-ids", *[str(i) for i in train["aux_layer_ids"]]]
