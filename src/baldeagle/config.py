@@ -103,6 +103,11 @@ class TrainConfig:
     deepspeed: str = _help("DeepSpeed JSON config (GPU)", default="")
     fsdp: str = _help("FSDP options, e.g. 'full_shard auto_wrap' (GPU)", default="")
     training_args: dict = _help("any other transformers.TrainingArguments fields", default_factory=dict)
+    eval_prompts: str = _help("also score the draft at every evaluation on these prompts (mtbench or a JSONL "
+                              "file): chain acceptance on the target's cached greedy answers; empty = no", default="")
+    eval_prompts_limit: int = _help("score at most this many of eval_prompts (0 = all)", default=0)
+    eval_prompts_new_tokens: int = _help("answer tokens per eval_prompts prompt", default=256)
+    eval_chain_k: int = _help("draft tokens per chain step when scoring eval_prompts", default=3)
     trust_remote_code: bool = _help("allow code from the model repository to run", default=False)
 
 
@@ -142,6 +147,22 @@ class EvalConfig:
     prompt_lookup: bool = _help("also time Transformers prompt lookup decoding", default=True)
     seed: int = _help("random seed for sampling", default=0)
     target_dtype: str = _help("dtype of the target and draft: float32 or bfloat16", default="float32")
+    trust_remote_code: bool = _help("allow code from the model repository to run", default=False)
+
+
+@dataclass
+class ScoreConfig:
+    model: str = _help("target: packaged name (smollm2), local folder or hub id", default="smollm2")
+    draft: str = _help("draft checkpoint folder (baldeagle train)", default="runs/draft/final")
+    out: str = _help("output folder: score.json", default="runs/score")
+    prompts: str = _help("mtbench, or a JSONL file with `turns` or `messages` per line (first turns)", default="mtbench")
+    limit: int = _help("score at most this many prompts (0 = all; MT-bench: spread over its categories)", default=0)
+    max_new_tokens: int = _help("answer tokens per prompt", default=256)
+    num_draft_tokens: int = _help("chain: tokens drafted per step (k)", default=3)
+    answers: str = _help("answer cache folder (default: one per target, template, prompts and length "
+                         "under the BaldEagle cache)", default="")
+    target_dtype: str = _help("dtype of the target and draft: float32 or bfloat16", default="float32")
+    batch_size: int = _help("prompts per generation batch when the answers are made", default=16)
     trust_remote_code: bool = _help("allow code from the model repository to run", default=False)
 
 
@@ -232,6 +253,7 @@ STAGES: dict[str, type] = {
     "train": TrainConfig,
     "features": FeaturesConfig,
     "eval": EvalConfig,
+    "score": ScoreConfig,
     "export": ExportConfig,
     "serve-bench": ServeBenchConfig,
     "quickstart": QuickstartConfig,

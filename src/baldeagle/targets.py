@@ -109,6 +109,17 @@ def stop_token_ids(generation_config, tokenizer) -> tuple[int, ...]:
     return tuple(sorted(set(eos)))
 
 
+def target_stop_ids(model_path: str, tokenizer) -> tuple[int, ...]:
+    """`stop_token_ids` from a model folder's generation_config.json (the tokenizer's EOS alone if it has none)."""
+    from transformers import GenerationConfig
+
+    try:
+        generation_config = GenerationConfig.from_pretrained(model_path)
+    except OSError:
+        generation_config = None
+    return stop_token_ids(generation_config, tokenizer)
+
+
 def num_layers(config) -> int:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return int(text.num_hidden_layers)

@@ -7,7 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny_targets import tiny_draft, tiny_target
+from tiny_targets import random_prompts as prompts
+from tiny_targets import tiny_draft, tiny_target, train_tiny_draft
 
 from baldeagle.decode.speculative import (
     SpecSettings,
@@ -18,11 +19,7 @@ from baldeagle.decode.speculative import (
     target_probs,
 )
 from baldeagle.decode.tree import tree_from_parents
-from baldeagle.model.draft_config import draft_config_from_target
-from baldeagle.model.eagle1 import Eagle1Draft
-from baldeagle.model.eagle3 import Eagle3Draft
 from baldeagle.model.layers import build_mask
-from baldeagle.model.vocab import build_draft_vocab, target_to_draft_ids
 
 
 class PerfectDraft(torch.nn.Module):
@@ -71,15 +68,6 @@ def reference_greedy(target, ids, max_new_tokens, eos=None):
         attention_mask=torch.ones_like(ids),
     )
     return out[0, ids.shape[1]:].tolist()
-
-
-def prompts(count, seed=0, vocab=256):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(count):  # prompts(n) is a prefix of prompts(m > n) for the same seed
-        length = int(torch.randint(1, 24, (1,), generator=g))
-        out.append(torch.randint(3, vocab, (1, length), generator=g))
-    return out
 
 
 SHAPES = {
@@ -145,41 +133,6 @@ def test_eos_and_max_new_tokens_in_the_middle_of_an_accepted_run(mode, stop_at):
     settings = SpecSettings(**SHAPES[mode], max_new_tokens=20, eos_token_ids=(eos,))
     assert speculative_generate(target, draft, ids, settings).tokens == expected
     assert plain_generate(target, ids, settings).tokens == expected
-
-
-def train_tiny_draft(target, draft_type, steps=300):
-    """A briefly trained draft: one-step EAGLE training on the target's own greedy continuations
-    (cross-entropy against the target's argmax; EAGLE-3's vocabulary from the data's token counts)."""
-    data = []
-    for ids in prompts(24, seed=11):
-        full = target.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=0,
-                               attention_mask=torch.ones_like(ids))
-        with torch.no_grad():
-            out = target(full, output_hidden_states=True)
-        data.append((full, out.hidden_states, out.logits.argmax(-1)))
-    cfg = draft_config_from_target(target.config, draft_type, draft_vocab_size=64)
-    torch.manual_seed(0)
-    if draft_type == "eagle3":
-        counts = torch.bincount(torch.cat([argmax[0] for _, _, argmax in data]), minlength=cfg.vocab_size)
-        draft = Eagle3Draft.from_target(target, cfg, d2t=build_draft_vocab(counts, cfg.draft_vocab_size)[0])
-    else:
-        draft = Eagle1Draft.from_target(target, cfg)
-    optimizer = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=3e-3)
-    for step in range(steps):
-        full, hidden_states, argmax = data[step % len(data)]
-        features = torch.cat([hidden_states[i] for i in cfg.aux_layer_ids], dim=-1)
-        t = full.shape[1] - 1
-        # row i reads x_{i+1} and f_i and predicts the target's choice after x_{i+1}
-        out = draft(full[:, 1:], draft.project(features[:, :t]), torch.arange(t)[None])
-        logits, labels = draft.logits(out)[0], argmax[0, 1:]
-        if draft_type == "eagle3":
-            labels = target_to_draft_ids(labels, draft.t2d)
-            logits, labels = logits[labels >= 0], labels[labels >= 0]
-        loss = torch.nn.functional.cross_entropy(logits, labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return draft.eval()
 
 
 @pytest.mark.parametrize("draft_type", ["eagle3", "eagle1"])

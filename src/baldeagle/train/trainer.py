@@ -24,9 +24,13 @@ class EagleTrainer(Trainer):
     # compute_loss returns a per-micro-batch mean; the Trainer divides it by the accumulation steps.
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args, features, **kwargs):
+    def __init__(self, *args, features, yardstick=None, yardstick_k: int = 3, **kwargs):
         super().__init__(*args, **kwargs)
         self.features = features  # OnlineFeatures (target in the loop) or OfflineFeatures (the store)
+        # decode.yardstick.Yardstick: chain acceptance on the prompts that matter, at every evaluation
+        self.yardstick, self.yardstick_k = yardstick, yardstick_k
+        # For learning curves: training time without evaluations, and tokens the target has read.
+        self._clock_start, self._eval_seconds, self._target_tokens = None, 0.0, 0
         self.ttt_steps = self.accelerator.unwrap_model(self.model).ttt_steps
         self._sums: dict[str, dict[str, torch.Tensor]] = {"train": defaultdict(float), "eval": defaultdict(float)}
 
@@ -40,6 +44,9 @@ class EagleTrainer(Trainer):
                 f"{inputs.get('row_index', torch.tensor([])).tolist()}; the last checkpoint in "
                 f"{self.args.output_dir} is the last good one"
             )
+        if model.training:
+            self._clock_start = self._clock_start or time.monotonic()
+            self._target_tokens += int(inputs["attention_mask"].sum())
         bucket = self._sums["train" if model.training else "eval"]
         for key, value in sums.items():
             bucket[key] = bucket[key] + value.detach()
@@ -71,24 +78,39 @@ class EagleTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: add the per-step metrics gathered since the last one
             logs.update(self._flush("train"))
+        if self._clock_start is not None:
+            tokens = torch.tensor(self._target_tokens, dtype=torch.float64, device=self.args.device)
+            logs["target_tokens"] = int(self.accelerator.reduce(tokens, reduction="sum").item())
+            logs["train_minutes"] = (time.monotonic() - self._clock_start - self._eval_seconds) / 60
         super().log(logs, start_time)
 
     # ---- evaluation: the same objective on held-out rows ------------------------------------
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        loader = self.get_eval_dataloader(eval_dataset)
+        started = time.monotonic()
         model = self.model
         was_training = model.training
         model.eval()
-        losses = []
-        with torch.no_grad():
-            for batch in loader:
-                batch = self._prepare_inputs(batch)
-                losses.append(self.compute_loss(model, batch).item())
+        metrics = self._held_out_metrics(model, eval_dataset) if (eval_dataset or self.eval_dataset) else {}
+        if self.yardstick is not None:
+            from baldeagle.decode.yardstick import metrics_for_log
+
+            draft = self.accelerator.unwrap_model(model).draft
+            metrics.update(metrics_for_log(self.yardstick.score(draft, self.yardstick_k), "eval_prompts"))
         model.train(was_training)
-        metrics = self._flush("eval")
-        metrics["eval_loss"] = sum(losses) / max(len(losses), 1) if losses else math.nan
+        self._eval_seconds += time.monotonic() - started if self._clock_start is not None else 0.0
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def _held_out_metrics(self, model, eval_dataset) -> dict[str, float]:
+        """The training objective on the held-out rows: eval_loss, eval_acc_k, eval_tau_sim."""
+        losses = []
+        with torch.no_grad():
+            for batch in self.get_eval_dataloader(eval_dataset):
+                batch = self._prepare_inputs(batch)
+                losses.append(self.compute_loss(model, batch).item())
+        metrics = self._flush("eval")
+        metrics["eval_loss"] = sum(losses) / max(len(losses), 1) if losses else math.nan
         return metrics
 
     # ---- checkpoints ------------------------------------------------------------------------

@@ -234,6 +234,35 @@ def ttt_forward(
     return TTTOutput(total, losses, corrects, counts, outputs if return_hidden else None, ran)
 
 
+@torch.no_grad()
+def rollout_predictions(draft, input_ids: torch.Tensor, features: torch.Tensor, steps: int,
+                        rows: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The draft's own greedy chain from every row in `rows`, tokens teacher-forced: what chain
+    decoding drafts, as long as the draft has been right so far.
+
+    input_ids [B, T]; features [B, T, F] (the target's, as in training); rows [B, T] bool, the rows
+    to roll out from (a row's step-0 keys are context for later rows either way) → [B, steps, T]
+    target token ids: out[b, k, t] is the draft's guess for x_{t+2+k} (its step-k output at row t),
+    -1 where row t was not rolled out. EAGLE-1 and EAGLE-3 alike.
+    """
+    batch, length = input_ids.shape
+    position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
+    real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    run = StepRows.where(rows & real)
+    hidden = draft.project(features)
+    cache = TTTCache(*draft.keys_values(shift_left(input_ids, 1), hidden, position_ids), real)
+    hidden = take(hidden, run.index)  # [B, M, H]
+    out = input_ids.new_full((batch, steps, length), -1)
+    b_valid = torch.arange(batch, device=input_ids.device)[:, None].expand_as(run.index)[run.valid]
+    for k in range(steps):
+        cache.begin_step(run)
+        ids, positions = take(shift_left(input_ids, 1 + k), run.index), take(position_ids, run.index) + k
+        hidden = draft(ids, hidden, positions, cache=cache)  # [B, M, H]
+        guess = draft.to_target_ids(draft.logits(hidden).argmax(dim=-1))  # [B, M]
+        out[b_valid, k, run.index[run.valid]] = guess[run.valid]
+    return out
+
+
 def eagle1_forward(
     draft,
     input_ids: torch.Tensor,

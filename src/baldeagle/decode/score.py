@@ -1,0 +1,65 @@
+"""`baldeagle score`: a draft's chain acceptance on a prompt set, from the yardstick, in seconds.
+
+The target answers the prompts once (cached); every later score of any draft for that target is
+one target forward for the features and one k-step draft pass per answer. `score.json` holds the
+acceptance part of eval.json's keys (acceptance_length, per_position_acceptance, per_category,
+num_prompts) plus `acceptance_length_every_position` (every answer position as a chain start).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from baldeagle.config import ScoreConfig, to_dict, write_resolved
+from baldeagle.decode.yardstick import MAX_CHAIN, YardstickSettings, build_yardstick
+
+
+def check_settings(cfg: ScoreConfig) -> None:
+    from baldeagle.data.generation import DTYPES
+
+    if not 1 <= cfg.num_draft_tokens <= MAX_CHAIN:
+        raise ValueError(f"num_draft_tokens must be in 1..{MAX_CHAIN}, got {cfg.num_draft_tokens}")
+    if cfg.max_new_tokens < 2:
+        raise ValueError(f"max_new_tokens must be at least 2, got {cfg.max_new_tokens}")
+    if cfg.limit < 0 or cfg.batch_size < 1:
+        raise ValueError(f"limit must be >= 0 and batch_size >= 1, got {cfg.limit} and {cfg.batch_size}")
+    if cfg.target_dtype not in DTYPES:
+        raise ValueError(f"target_dtype must be one of {sorted(DTYPES)}, got {cfg.target_dtype!r}")
+
+
+def run_score(cfg: ScoreConfig) -> dict:
+    from baldeagle.data.generation import DTYPES
+    from baldeagle.decode.bench import check_compatible
+    from baldeagle.io import atomic_write_json, provenance
+    from baldeagle.model.checkpoint import load_draft
+    from baldeagle.targets import load_target, load_tokenizer
+
+    check_settings(cfg)
+    dtype = DTYPES[cfg.target_dtype]
+    draft = load_draft(cfg.draft, dtype=dtype).eval()
+    target = load_target(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    warnings = check_compatible(target, load_tokenizer(cfg.model, cfg.trust_remote_code), draft, cfg.model)
+    for warning in warnings:
+        print(f"baldeagle: warning: {warning}", flush=True)
+    settings = YardstickSettings(prompts=cfg.prompts, limit=cfg.limit, max_new_tokens=cfg.max_new_tokens,
+                                 answers=cfg.answers, dtype=cfg.target_dtype, batch_size=cfg.batch_size)
+    stick = build_yardstick(cfg.model, draft.config, settings, target=target, trust_remote_code=cfg.trust_remote_code)
+    result = stick.score(draft, cfg.num_draft_tokens)
+    result.update(skipped_prompts=stick.skipped_prompts, answers=str(stick.folder), warnings=warnings,
+                  settings=to_dict(cfg), provenance=provenance())
+    out = Path(cfg.out)
+    atomic_write_json(out / "score.json", result)
+    write_resolved(cfg, out)
+    print(format_score(result), flush=True)
+    return result
+
+
+def format_score(result: dict) -> str:
+    lines = [f"{result['num_prompts']} prompts, chain k={result['num_draft_tokens']}, teacher-forced on the "
+             f"target's greedy answers ({result['verification_steps']} verification steps)",
+             f"  acceptance length τ      {result['acceptance_length']:.3f}",
+             "  per-position acceptance  " + " ".join(f"{a:.2f}" for a in result["per_position_acceptance"]),
+             f"  τ at every position      {result['acceptance_length_every_position']:.3f}"]
+    for name, row in result["per_category"].items():
+        lines.append(f"    {name:<12} τ {row['acceptance_length']:.3f}  ({row['prompts']} prompts)")
+    return "\n".join(lines)
