@@ -32,6 +32,13 @@ strictly increasing to line up with fc's column blocks.
 - SGLang: `eagle_config.eagle_aux_hidden_state_layer_ids`, id i means the output of layer i
   (`set_eagle3_layers_to_capture`: `layers_to_capture = [i + 1 ...]`, captured before that layer):
   sglang id = h - 1.
+
+Beyond the contract, `check_export` compares every field an engine reads (`LAYER_FIELDS`, RoPE as
+both Transformers 4 — rope_theta, rope_scaling — and 5 — rope_parameters — read it, draft_vocab_size,
+the aux-layer ids in the format's convention, the architecture name) with what the draft was trained
+with (`baldeagle_export.json`) and, given, with the target's config: a folder whose config was edited
+loads without error in every engine and drafts garbage. Each problem reads "<field> is <found>,
+expected <value> (<source>)".
 """
 
 from __future__ import annotations
@@ -153,7 +160,8 @@ def rope_of(layer: dict) -> dict:
 def legacy_rope(rope: dict) -> tuple[float, dict | None]:
     """`rope_parameters` → the (rope_theta, rope_scaling) that readers on Transformers 4 take."""
     scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-    return float(rope.get("rope_theta", 10000.0)), (scaling if scaling.get("rope_type", "default") != "default" else None)
+    default = scaling.get("rope_type", "default") == "default"
+    return float(rope.get("rope_theta", 10000.0)), None if default else scaling
 
 
 def describe(config: dict, info: dict) -> dict:
@@ -250,7 +258,8 @@ def check_export(folder: str | Path, target_config=None) -> list[str]:
     problems += compare_fields(engine_reads(layer, kind), refs)
     problems += _check_positions(layer, refs)
     if kind == "eagle3":
-        target_layers = next((ref["target_num_layers"] for _, ref in reversed(refs) if ref.get("target_num_layers")), None)
+        layers = [ref["target_num_layers"] for _, ref in refs if ref.get("target_num_layers")]
+        target_layers = layers[-1] if layers else None  # the target's own config over the record
         problems += _check_aux_ids(described["aux_ids"], described["convention"], target_layers)
         problems += _check_trained_aux_ids(described, info, target_layers)
     return problems
@@ -344,7 +353,7 @@ def compare_fields(found: dict, refs: list[tuple[str, dict]]) -> list[str]:
 
 def _check_positions(layer: dict, refs: list[tuple[str, dict]]) -> list[str]:
     found = int(layer["max_position_embeddings"])
-    short = [(ref["min_positions"], source) for source, ref in refs if ref.get("min_positions") and found < ref["min_positions"]]
+    short = [(ref["min_positions"], source) for source, ref in refs if found < (ref.get("min_positions") or 0)]
     if not short:
         return []
     needed = max(value for value, _ in short)

@@ -385,7 +385,8 @@ def deleted_rope_theta(folder, fmt):
 
 def changed_rope_parameters(folder, fmt):
     edit_layer(folder, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-    return "rope_parameters is {'rope_type': 'default', 'rope_theta': 10000.0}, expected {'rope_type': 'default', 'rope_theta': 500000.0}"
+    return ("rope_parameters is {'rope_type': 'default', 'rope_theta': 10000.0}, "
+            "expected {'rope_type': 'default', 'rope_theta': 500000.0}")
 
 
 def changed_hidden_act(folder, fmt):
