@@ -388,7 +388,7 @@ def _check_trained_aux_ids(described: dict, info: dict, target_layers: int | Non
     expected = to_engine_aux_ids(sorted(trained), convention)
     found = described["aux_ids"]
     field = ("eagle_config." if fmt == "sglang" else "") + "eagle_aux_hidden_state_layer_ids"
-    rule = "SGLang adds 1, so the file holds id - 1" if convention == "sglang" else f"{convention} uses them as given"
+    rule = "SGLang adds 1, so the file holds id - 1" if convention == "sglang" else "vLLM uses them as given"
     if found:
         if [int(i) for i in found] == expected:
             return []
