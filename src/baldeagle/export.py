@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 from pathlib import Path
 
 import torch
@@ -26,12 +27,16 @@ from safetensors.torch import load_file, save_file
 
 from baldeagle.config import ExportConfig
 from baldeagle.export_check import (
+    ARCHITECTURES,
     EXPORT_INFO,
+    LAYER_FIELDS,
     WEIGHTS,
     check_export,
     describe,
     from_engine_aux_ids,
+    legacy_rope,
     read_folder,
+    rope_of,
     to_engine_aux_ids,
 )
 from baldeagle.io import atomic_dir, provenance
@@ -123,24 +128,16 @@ def _layer_fields(cfg: DraftConfig, dtype: str, max_positions: int) -> dict:
     """LlamaConfig fields of the one-layer draft; RoPE both as Transformers 5 `rope_parameters` and
     as the older `rope_theta` / `rope_scaling` that engines on Transformers 4 read."""
     rope = dict(cfg.rope_parameters)
-    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    theta, scaling = legacy_rope(rope)
     return {
         "model_type": "llama",
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
+        **{name: getattr(cfg, name) for name in LAYER_FIELDS},  # what the engines read, as trained
         "num_hidden_layers": 1,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": cfg.hidden_act,
-        "rms_norm_eps": cfg.rms_norm_eps,
         "max_position_embeddings": max_positions,
-        "vocab_size": cfg.vocab_size,
-        "attention_bias": cfg.attention_bias,
         "mlp_bias": False,
         "tie_word_embeddings": False,  # the engines take embedding/head from the target or the file
-        "rope_theta": float(rope.get("rope_theta", 10000.0)),
-        "rope_scaling": scaling if scaling.get("rope_type", "default") != "default" else None,
+        "rope_theta": theta,
+        "rope_scaling": scaling,
         "rope_parameters": rope,
         "pad_token_id": cfg.pad_token_id,
         "bos_token_id": cfg.bos_token_id,
@@ -154,8 +151,7 @@ def exported_config(cfg: DraftConfig, fmt: str, dtype: str, max_positions: int, 
                     engine_aux_ids: list[int], num_speculative_tokens: int = 3) -> dict:
     layer = _layer_fields(cfg, dtype, max_positions)
     if cfg.draft_type == "eagle1":
-        arch = "LlamaForCausalLMEagle" if fmt == "sglang" else "LlamaForCausalLM"  # vLLM renames it EagleLlama...
-        return {"architectures": [arch], **layer}
+        return {"architectures": [ARCHITECTURES["eagle1", fmt][0]], **layer}
     if fmt == "speculators":
         return {
             "architectures": ["Eagle3DraftModel"],
@@ -179,7 +175,7 @@ def exported_config(cfg: DraftConfig, fmt: str, dtype: str, max_positions: int, 
                 "verifier": {"name_or_path": target, "architectures": [cfg.target_architecture or "LlamaForCausalLM"]},
             },
         }
-    config = {"architectures": ["LlamaForCausalLMEagle3"], **layer, "draft_vocab_size": cfg.draft_vocab_size,
+    config = {"architectures": [ARCHITECTURES["eagle3", fmt][0]], **layer, "draft_vocab_size": cfg.draft_vocab_size,
               "norm_before_residual": False}
     if fmt == "sglang":
         config["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": engine_aux_ids, "use_aux_hidden_state": True}
@@ -260,48 +256,47 @@ def export_draft(draft, out: str | Path, fmt: str, target: str = "", target_conf
 
 
 def serving_readme(cfg: DraftConfig, fmt: str, folder: Path, target: str, k: int) -> str:
+    """README.md with the serving commands; every path and name in a shell line is shlex-quoted."""
     kind = "EAGLE-3" if cfg.draft_type == "eagle3" else "EAGLE-1"
-    method = "eagle3" if cfg.draft_type == "eagle3" else "eagle"
     lines = [f"# {kind} draft for {target}", "", f"Exported by BaldEagle in the **{fmt}** format.", ""]
-    if fmt == "sglang":
-        algorithm = "EAGLE3" if cfg.draft_type == "eagle3" else "EAGLE"
-        lines += ["## SGLang", "", "```bash",
-                  f"python -m sglang.launch_server --model-path {target} \\",
-                  f"    --speculative-algorithm {algorithm} --speculative-draft-model-path {folder} \\",
-                  f"    --speculative-num-steps {k} --speculative-eagle-topk 1 --speculative-num-draft-tokens {k + 1}",
-                  "```", "",
-                  "A draft tree (EAGLE-2) instead of a chain: e.g. `--speculative-num-steps 5 --speculative-eagle-topk 8 "
-                  "--speculative-num-draft-tokens 32`.", "",
-                  "This folder writes aux-layer ids in SGLang's convention; for vLLM export with `--format vllm`."]
-    else:
-        spec = json.dumps({"method": method, "model": str(folder), "num_speculative_tokens": k})
-        lines += ["## vLLM", "", "```bash"]
-        if fmt == "speculators":
-            lines += [f"vllm serve {folder}", "```", "",
-                      "vLLM reads the target (the verifier) and k from config.json. The explicit form:", "", "```bash"]
-        lines += [f"vllm serve {target} --speculative-config '{spec}'", "```", "", "Offline:", "", "```python",
-                  "from vllm import LLM, SamplingParams",
-                  f"llm = LLM(model={target!r}, speculative_config={spec})",
-                  "print(llm.generate(['Hello'], SamplingParams(temperature=0, max_tokens=64))[0].outputs[0].text)",
-                  "```"]
-        if fmt == "vllm":
-            lines += ["", "This folder writes aux-layer ids in vLLM's convention; for SGLang export with `--format sglang`."]
-    lines += ["", f"Check it: `baldeagle export --check {folder}`.", ""]
+    lines += _sglang_lines(cfg, folder, target, k) if fmt == "sglang" else _vllm_lines(cfg, fmt, folder, target, k)
+    lines += ["", f"Check it: `baldeagle export --check {shlex.quote(str(folder))}`.", ""]
     return "\n".join(lines)
+
+
+def _sglang_lines(cfg: DraftConfig, folder: Path, target: str, k: int) -> list[str]:
+    algorithm = "EAGLE3" if cfg.draft_type == "eagle3" else "EAGLE"
+    return ["## SGLang", "", "```bash",
+            f"python -m sglang.launch_server --model-path {shlex.quote(target)} \\",
+            f"    --speculative-algorithm {algorithm} --speculative-draft-model-path {shlex.quote(str(folder))} \\",
+            f"    --speculative-num-steps {k} --speculative-eagle-topk 1 --speculative-num-draft-tokens {k + 1}",
+            "```", "",
+            "A draft tree (EAGLE-2) instead of a chain: e.g. `--speculative-num-steps 5 --speculative-eagle-topk 8 "
+            "--speculative-num-draft-tokens 32`.", "",
+            "This folder writes aux-layer ids in SGLang's convention; for vLLM export with `--format vllm`."]
+
+
+def _vllm_lines(cfg: DraftConfig, fmt: str, folder: Path, target: str, k: int) -> list[str]:
+    spec = {"method": "eagle3" if cfg.draft_type == "eagle3" else "eagle", "model": str(folder),
+            "num_speculative_tokens": k}
+    lines = ["## vLLM", "", "```bash"]
+    if fmt == "speculators":
+        lines += [f"vllm serve {shlex.quote(str(folder))}", "```", "",
+                  "vLLM reads the target (the verifier) and k from config.json. The explicit form:", "", "```bash"]
+    lines += [f"vllm serve {shlex.quote(target)} --speculative-config {shlex.quote(json.dumps(spec))}", "```", "",
+              "Offline:", "", "```python",
+              "from vllm import LLM, SamplingParams",
+              f"llm = LLM(model={target!r}, speculative_config={spec!r})",
+              "print(llm.generate(['Hello'], SamplingParams(temperature=0, max_tokens=64))[0].outputs[0].text)",
+              "```"]
+    if fmt == "vllm":
+        lines += ["", "This folder writes aux-layer ids in vLLM's convention; for SGLang export with `--format sglang`."]
+    return lines
 
 
 # ------------------------------------------------------------------------------------------
 # Back into BaldEagle
 # ------------------------------------------------------------------------------------------
-
-
-def _rope_from(layer: dict) -> dict:
-    if layer.get("rope_parameters"):
-        return dict(layer["rope_parameters"])
-    rope = dict(layer.get("rope_scaling") or {})
-    rope.setdefault("rope_type", rope.pop("type", "default"))
-    rope["rope_theta"] = float(layer.get("rope_theta", 10000.0))
-    return rope
 
 
 def load_exported(folder: str | Path, target=None, device: str | torch.device = "cpu"):
@@ -333,7 +328,7 @@ def load_exported(folder: str | Path, target=None, device: str | torch.device = 
         draft_type=kind, hidden_size=int(layer["hidden_size"]), intermediate_size=int(layer["intermediate_size"]),
         num_attention_heads=int(layer["num_attention_heads"]), num_key_value_heads=int(layer["num_key_value_heads"]),
         head_dim=int(layer.get("head_dim") or layer["hidden_size"] // layer["num_attention_heads"]),
-        rms_norm_eps=float(layer["rms_norm_eps"]), rope_parameters=_rope_from(layer),
+        rms_norm_eps=float(layer["rms_norm_eps"]), rope_parameters=rope_of(layer),
         max_position_embeddings=int(layer["max_position_embeddings"]), vocab_size=vocab,
         draft_vocab_size=int(layer.get("draft_vocab_size") or config.get("draft_vocab_size") or vocab),
         aux_layer_ids=aux, target_num_layers=int(layers), hidden_act=layer.get("hidden_act", "silu"),
@@ -404,7 +399,10 @@ def recorded_target(folder: str | Path) -> str:
 def run_export(cfg: ExportConfig):
     """`baldeagle export`: export a draft, or (`--check DIR`) validate an exported folder."""
     if cfg.check:
-        problems = check_export(cfg.check, target_config_or_none(cfg.model or recorded_target(cfg.check)))
+        target_config = target_config_or_none(cfg.model or recorded_target(cfg.check))
+        if cfg.model and target_config is None:
+            print(f"note: {cfg.model}'s config cannot be read offline; checking against {EXPORT_INFO} only")
+        problems = check_export(cfg.check, target_config)
         for problem in problems:
             print(f"problem: {problem}")
         if problems:

@@ -32,20 +32,62 @@ strictly increasing to line up with fc's column blocks.
 - SGLang: `eagle_config.eagle_aux_hidden_state_layer_ids`, id i means the output of layer i
   (`set_eagle3_layers_to_capture`: `layers_to_capture = [i + 1 ...]`, captured before that layer):
   sglang id = h - 1.
+
+Beyond the contract, `check_export` compares every field an engine reads (`LAYER_FIELDS`, RoPE as
+both Transformers 4 — rope_theta, rope_scaling — and 5 — rope_parameters — read it, draft_vocab_size,
+the aux-layer ids in the format's convention, the architecture name) with what the draft was trained
+with (`baldeagle_export.json`) and, given, with the target's config: a folder whose config was edited
+loads without error in every engine and drafts garbage. Each problem reads "<field> is <found>,
+expected <value> (<source>)".
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from pathlib import Path
 
 import torch
 
 EXPORT_INFO = "baldeagle_export.json"
 WEIGHTS = "model.safetensors"
-EAGLE3_ARCHS = ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM")
-EAGLE1_ARCHS = {"LlamaForCausalLMEagle": "sglang", "LlamaForCausalLM": "vllm", "EagleLlamaForCausalLM": "vllm"}
+TARGET = "the target's config"
+# The `architectures` each (draft type, format) is loaded under; the first is the one export writes.
+# (speculators folders are recognised by `speculators_model_type`; vLLM sets their architecture itself.)
+ARCHITECTURES = {
+    ("eagle3", "sglang"): ("LlamaForCausalLMEagle3",),
+    ("eagle3", "vllm"): ("LlamaForCausalLMEagle3", "Eagle3LlamaForCausalLM"),
+    ("eagle1", "sglang"): ("LlamaForCausalLMEagle",),
+    ("eagle1", "vllm"): ("LlamaForCausalLM", "EagleLlamaForCausalLM"),  # vLLM renames LlamaForCausalLM
+}
+EAGLE3_ARCHS = tuple(dict.fromkeys(a for (kind, _), names in ARCHITECTURES.items() if kind == "eagle3" for a in names))
+EAGLE1_ARCHS = {a: fmt for (kind, fmt), names in ARCHITECTURES.items() if kind == "eagle1" for a in names}
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "missing"
+
+
+MISSING = _Missing()
+# The draft layer's config fields an engine reads, under the same name in DraftConfig and in the
+# exported config: name → (the value engines assume when the key is absent, whether it must also
+# equal the target's — the rest is the draft's own and only has to match what it was trained with).
+# RoPE (rope_theta / rope_scaling / rope_parameters), max_position_embeddings, draft_vocab_size and
+# the aux-layer ids have their own rules below.
+LAYER_FIELDS = {
+    "hidden_size": (MISSING, True),
+    "num_attention_heads": (MISSING, True),
+    "num_key_value_heads": (MISSING, True),
+    "head_dim": (MISSING, True),
+    "intermediate_size": (MISSING, False),
+    "rms_norm_eps": (MISSING, True),
+    "hidden_act": ("silu", True),
+    "vocab_size": (MISSING, True),
+    "attention_bias": (False, False),
+}
 
 
 def to_engine_aux_ids(hf_ids: list[int], convention: str) -> list[int]:
@@ -58,24 +100,68 @@ def from_engine_aux_ids(engine_ids: list[int], convention: str) -> list[int]:
 
 
 def read_folder(folder: str | Path) -> tuple[dict, dict, dict[str, tuple[list[int], str]]]:
-    """(config.json, baldeagle_export.json or {}, {tensor name: (shape, dtype name)}) without loading tensors."""
-    from safetensors import safe_open
-
+    """(config.json, baldeagle_export.json or {}, {tensor name: (shape, dtype name)}) without loading
+    tensors. Raises ValueError naming the file that is missing, truncated or corrupt."""
     folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text())
-    info_path = folder / EXPORT_INFO
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    config = _read_json(folder / "config.json")
+    info = _read_json(folder / EXPORT_INFO) if (folder / EXPORT_INFO).is_file() else {}
+    return config, info, read_header(folder / WEIGHTS)
+
+
+def _missing(path: Path) -> ValueError:
+    return ValueError(f"{path} is missing (an engine loads config.json and model.safetensors)")
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise _missing(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"{path} is not readable JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds {type(data).__name__}, not a JSON object")
+    return data
+
+
+def read_header(path: Path) -> dict[str, tuple[list[int], str]]:
+    """{tensor name: (shape, dtype name)} of a safetensors file; ValueError naming it when it is unreadable."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise _missing(path)
     header = {}
-    with safe_open(str(folder / WEIGHTS), "pt") as handle:
-        for name in handle.keys():
-            piece = handle.get_slice(name)
-            header[name] = (list(piece.get_shape()), _dtype_name(piece.get_dtype()))
-    return config, info, header
+    try:
+        with safe_open(str(path), "pt") as handle:
+            for name in handle.keys():
+                piece = handle.get_slice(name)
+                header[name] = (list(piece.get_shape()), _dtype_name(piece.get_dtype()))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path} is truncated or corrupt, not a readable safetensors file ({error}); "
+                         "export the draft again") from None
+    return header
 
 
 def _dtype_name(safetensors_dtype: str) -> str:
     return {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "I64": "int64", "I32": "int32",
             "BOOL": "bool"}.get(safetensors_dtype, safetensors_dtype)
+
+
+def rope_of(layer: dict) -> dict:
+    """The RoPE a Transformers-5 reader builds: `rope_parameters`, else from rope_theta / rope_scaling."""
+    if layer.get("rope_parameters"):
+        return dict(layer["rope_parameters"])
+    rope = dict(layer.get("rope_scaling") or {})
+    rope.setdefault("rope_type", rope.pop("type", "default"))
+    rope["rope_theta"] = float(layer.get("rope_theta", 10000.0))
+    return rope
+
+
+def legacy_rope(rope: dict) -> tuple[float, dict | None]:
+    """`rope_parameters` → the (rope_theta, rope_scaling) that readers on Transformers 4 take."""
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    default = scaling.get("rope_type", "default") == "default"
+    return float(rope.get("rope_theta", 10000.0)), None if default else scaling
 
 
 def describe(config: dict, info: dict) -> dict:
@@ -142,59 +228,179 @@ def expected_tensors(kind: str, fmt: str, layer: dict, n_aux: int = 3) -> tuple[
     return need, optional
 
 
-def _target_max_positions(info: dict, described: dict, config: dict, target_config) -> tuple[int | None, int | None]:
-    """(target max_position_embeddings, target num layers) from the given config, else the recorded ones."""
-    if target_config is not None:
-        text = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
-        return int(text.max_position_embeddings), int(text.num_hidden_layers)
-    positions = info.get("target_max_position_embeddings")
-    layers = info.get("target_num_layers")
-    return (int(positions) if positions else None), (int(layers) if layers else None)
-
-
 def check_export(folder: str | Path, target_config=None) -> list[str]:
     """Every way `folder` breaks its engine's contract, each explained; [] when it is servable.
 
-    `target_config`: the target's Transformers config (max positions, layer count); without it the
-    values recorded at export time (`baldeagle_export.json`) are used.
+    Besides the engine's own rules, every field the engine reads is compared with what the draft was
+    trained with (`baldeagle_export.json`) and, given `target_config` (the target's Transformers
+    config), with the target's.
     """
     folder = Path(folder)
-    for name in ("config.json", WEIGHTS):
-        if not (folder / name).is_file():
-            return [f"{folder / name} is missing (an engine loads config.json and model.safetensors)"]
     try:
         config, info, header = read_folder(folder)
-    except (ValueError, OSError) as error:
-        return [f"cannot read {folder}: {error}"]
+    except ValueError as error:
+        return [str(error)]
     described = describe(config, info)
     kind, fmt, layer = described["kind"], described["format"], described["layer"]
+    problems = _check_architecture(config, described, info, header)
     if kind not in ("eagle1", "eagle3"):
-        return [f"config.json names no EAGLE architecture the engines load (architectures="
-                f"{config.get('architectures')}, speculators_model_type={config.get('speculators_model_type')})"]
-    problems: list[str] = []
-    required = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size",
-                "rms_norm_eps", "max_position_embeddings")
-    missing = [key for key in required if layer.get(key) is None]
+        return problems + [f"config.json names no EAGLE architecture the engines load (architectures="
+                           f"{config.get('architectures')}, speculators_model_type={config.get('speculators_model_type')})"]
+    required = [name for name, (default, _) in LAYER_FIELDS.items() if default is MISSING and name != "head_dim"]
+    missing = [key for key in required + ["max_position_embeddings"] if layer.get(key) is None]
     if missing:
-        return [f"the layer config lacks {missing}: the engine cannot build the draft"]
+        return problems + [f"the layer config lacks {missing}: the engine cannot build the draft"]
     if int(layer.get("num_hidden_layers", 1)) != 1:
         problems.append(f"num_hidden_layers is {layer.get('num_hidden_layers')}; a BaldEagle draft has one layer")
-
-    aux_ids = described["aux_ids"]
-    n_aux = len(aux_ids) if aux_ids else 3
-    need, optional = expected_tensors(kind, fmt, layer, n_aux)
-    hidden = int(layer["hidden_size"])
-    problems += _check_names_and_shapes(need, optional, header, kind, fmt, hidden)
-    problems += _check_dtypes(header, config if fmt != "speculators" else {**layer, **config})
+    refs = references(info, target_config)
+    problems += _check_tensors(folder, described, header, config)
     problems += _check_config(kind, fmt, config, layer)
-    target_positions, target_layers = _target_max_positions(info, described, config, target_config)
-    if target_positions and int(layer["max_position_embeddings"]) < target_positions:
-        problems.append(f"max_position_embeddings is {layer['max_position_embeddings']}, below the target's "
-                        f"{target_positions}: engines stop drafting (or mis-index RoPE) past it")
+    problems += compare_fields(engine_reads(layer, kind), refs)
+    problems += _check_positions(layer, refs)
     if kind == "eagle3":
-        problems += _check_aux_ids(aux_ids, described["convention"], target_layers)
+        layers = [ref["target_num_layers"] for _, ref in refs if ref.get("target_num_layers")]
+        target_layers = layers[-1] if layers else None  # the target's own config over the record
+        problems += _check_aux_ids(described["aux_ids"], described["convention"], target_layers)
+        problems += _check_trained_aux_ids(described, info, target_layers)
+    return problems
+
+
+def _check_tensors(folder: Path, described: dict, header: dict, config: dict) -> list[str]:
+    """Names, shapes and dtypes the engine loads, and the d2t / t2d mapping."""
+    kind, fmt, layer = described["kind"], described["format"], described["layer"]
+    n_aux = len(described["aux_ids"]) if described["aux_ids"] else 3
+    need, optional = expected_tensors(kind, fmt, layer, n_aux)
+    problems = _check_names_and_shapes(need, optional, header, kind, fmt, int(layer["hidden_size"]))
+    problems += _check_dtypes(header, config if fmt != "speculators" else {**layer, **config})
+    if kind == "eagle3":
         problems += _check_vocab(folder, layer, header)
     return problems
+
+
+def references(info: dict, target_config) -> list[tuple[str, dict]]:
+    """[(source, expected values)]: what the draft was trained with (baldeagle_export.json) and, given,
+    the target's config; values as `expected_reads` gives them plus min_positions, target_num_layers."""
+    from baldeagle.model.draft_config import draft_config_from_target
+
+    refs = []
+    trained = info.get("draft_config")
+    if isinstance(trained, dict):
+        expected = expected_reads(trained, trained=True)
+        positions = [trained.get("max_position_embeddings"), info.get("target_max_position_embeddings")]
+        expected["min_positions"] = max([int(p) for p in positions if p] or [0]) or None
+        expected["target_num_layers"] = info.get("target_num_layers") or trained.get("target_num_layers")
+        refs.append((EXPORT_INFO, expected))
+    if target_config is not None:
+        cfg = draft_config_from_target(target_config, "eagle1")  # the rules by which a draft follows its target
+        expected = expected_reads(dataclasses.asdict(cfg), trained=False)
+        expected.update(min_positions=cfg.max_position_embeddings, target_num_layers=cfg.target_num_layers)
+        refs.append((TARGET, expected))
+    return refs
+
+
+def expected_reads(draft: dict, trained: bool) -> dict:
+    """A DraftConfig (as a dict) → the values an engine should read; `trained`: every field, else
+    (the target's) only those that must follow the target."""
+    values = {name: draft[name] for name, (_, follows) in LAYER_FIELDS.items()
+              if (trained or follows) and draft.get(name) is not None}  # an older record may lack one
+    if draft.get("rope_parameters"):
+        rope = dict(draft["rope_parameters"])
+        theta, scaling = legacy_rope(rope)
+        values.update(rope_theta=theta, rope_scaling=scaling, rope_parameters=rope)
+    if trained and draft.get("draft_type") == "eagle3" and draft.get("draft_vocab_size"):
+        values["draft_vocab_size"] = draft["draft_vocab_size"]
+    return values
+
+
+def engine_reads(layer: dict, kind: str) -> dict:
+    """The value an engine takes for each compared field of the folder's layer config (defaults applied;
+    RoPE as Transformers 4 reads it — rope_theta, rope_scaling — and as Transformers 5 does)."""
+    values = {name: layer.get(name, default) for name, (default, _) in LAYER_FIELDS.items()}
+    values["num_key_value_heads"] = layer.get("num_key_value_heads") or layer["num_attention_heads"]
+    values["head_dim"] = layer.get("head_dim") or int(layer["hidden_size"]) // int(layer["num_attention_heads"])
+    scaling = dict(layer.get("rope_scaling") or {})
+    if "type" in scaling:
+        scaling.setdefault("rope_type", scaling.pop("type"))
+    values["rope_theta"] = layer.get("rope_theta", MISSING)  # engines on Transformers 4 then use 10000.0
+    values["rope_scaling"] = scaling if scaling.get("rope_type", "default") != "default" else None
+    values["rope_parameters"] = rope_of(layer)
+    if kind == "eagle3":
+        values["draft_vocab_size"] = layer.get("draft_vocab_size", MISSING)
+    return values
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    numbers = (int, float)
+    if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and not isinstance(b, bool):
+        return math.isclose(a, b, rel_tol=1e-6)  # e.g. an eps stored in float32 (9.999999747e-06 vs 1e-05)
+    return a == b
+
+
+def compare_fields(found: dict, refs: list[tuple[str, dict]]) -> list[str]:
+    """One problem per field and expected value: "<field> is <found>, expected <value> (<sources>)"."""
+    problems = []
+    for name, value in found.items():
+        wanted: dict[str, tuple[object, list[str]]] = {}
+        for source, expected in refs:
+            if name in expected and not _same(value, expected[name]):
+                wanted.setdefault(repr(expected[name]), (expected[name], []))[1].append(source)
+        for expected_value, sources in wanted.values():
+            problems.append(f"{name} is {value!r}, expected {expected_value!r} ({', '.join(sources)})")
+    return problems
+
+
+def _check_positions(layer: dict, refs: list[tuple[str, dict]]) -> list[str]:
+    found = int(layer["max_position_embeddings"])
+    short = [(ref["min_positions"], source) for source, ref in refs if found < (ref.get("min_positions") or 0)]
+    if not short:
+        return []
+    needed = max(value for value, _ in short)
+    return [f"max_position_embeddings is {found}, expected at least {needed} (the target's, from "
+            f"{', '.join(source for _, source in short)}): engines stop drafting (or mis-index RoPE) past it"]
+
+
+def _kind_of_tensors(header: dict) -> str:
+    return "eagle3" if "norm.weight" in header or any(k.startswith("midlayer.") for k in header) else "eagle1"
+
+
+def _check_architecture(config: dict, described: dict, info: dict, header: dict) -> list[str]:
+    """`architectures[0]` must be one the engine of the format loads for this draft type (engines pick
+    the model class by it alone)."""
+    kind = info.get("draft_type") or _kind_of_tensors(header)
+    fmt = info.get("format") or described["format"]
+    allowed = ARCHITECTURES.get((kind, fmt))
+    found = config.get("architectures") or []
+    if allowed is None or (found and found[0] in allowed):
+        return []
+    source = EXPORT_INFO if info.get("draft_type") else "the tensors"
+    return [f"architectures is {found}, expected {[allowed[0]]} for an {kind} draft in the {fmt} format ({source})"]
+
+
+def _check_trained_aux_ids(described: dict, info: dict, target_layers: int | None) -> list[str]:
+    """The aux-layer ids the engine will use must be the layers the draft was trained on, written in the
+    format's convention (SGLang: hidden_states id − 1; vLLM, speculators: as given)."""
+    trained = info.get("aux_layer_ids_hidden_states") or (info.get("draft_config") or {}).get("aux_layer_ids")
+    if not trained:
+        return []
+    convention, fmt = described["convention"], described["format"]
+    expected = to_engine_aux_ids(sorted(trained), convention)
+    found = described["aux_ids"]
+    field = ("eagle_config." if fmt == "sglang" else "") + "eagle_aux_hidden_state_layer_ids"
+    rule = "SGLang adds 1, so the file holds id - 1" if convention == "sglang" else "vLLM uses them as given"
+    if found:
+        if [int(i) for i in found] == expected:
+            return []
+        shown = [int(i) for i in found]
+    else:  # absent: both engines capture the inputs of layers 2, L//2, L-3
+        from baldeagle.targets import default_aux_layers
+
+        if target_layers is None or default_aux_layers(int(target_layers)) == sorted(trained):
+            return []
+        shown = f"missing (engines then capture hidden_states {default_aux_layers(int(target_layers))})"
+    return [f"{field} is {shown}, expected {expected} (the draft was trained on hidden_states {sorted(trained)}; "
+            f"{rule}; {EXPORT_INFO})"]
 
 
 def _check_names_and_shapes(need, optional, header, kind, fmt, hidden) -> list[str]:
@@ -204,7 +410,7 @@ def _check_names_and_shapes(need, optional, header, kind, fmt, hidden) -> list[s
             why = {"lm_head.weight": "an EAGLE-3 draft needs its own draft-vocabulary head",
                    "d2t": "without it draft ids are read as target ids",
                    "fc.bias": "SGLang's fc has a bias and would keep it uninitialised"}.get(name, "the engine needs it")
-            problems.append(f"missing tensor {name} ({why})")
+            problems.append(f"missing tensor {name}: found none, expected shape {shape} ({why})")
         elif header[name][0] != shape:
             problems.append(f"{name} has shape {header[name][0]}, the config implies {shape}")
     if kind == "eagle3" and "embed_tokens.weight" in header and header["embed_tokens.weight"][0][-1] != hidden:

@@ -1,7 +1,10 @@
 """Export: each engine's names, shapes and aux-id convention; `--check` catches each contract
 violation; exported folders load back with identical logits; refusals."""
 
+import ast
 import json
+import re
+import shlex
 
 import pytest
 import torch
@@ -269,7 +272,7 @@ def test_check_hidden_size_mismatch(tmp_path):
 def test_check_short_max_positions(tmp_path):
     target, out = exported(tmp_path)
     rewrite(out, config={"max_position_embeddings": 2048})
-    expected = "max_position_embeddings is 2048, below the target's 4096"
+    expected = "max_position_embeddings is 2048, expected at least 4096 (the target's"
     assert any(expected in p for p in check_export(out, target.config))
     assert any(expected in p for p in check_export(out))  # the target's value recorded at export time
 
@@ -324,7 +327,178 @@ def test_check_unreadable_or_foreign_folders(tmp_path):
     assert "is missing" in check_export(tmp_path)[0]
     target, out = exported(tmp_path)
     rewrite(out, config={"architectures": ["MistralForCausalLM"]})
-    assert "names no EAGLE architecture" in check_export(out, target.config)[0]
+    problems = check_export(out, target.config)
+    assert "architectures is ['MistralForCausalLM'], expected ['LlamaForCausalLMEagle3']" in problems[0]
+    assert "names no EAGLE architecture" in problems[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# --check compares every field an engine reads with training (baldeagle_export.json) and the target
+# ---------------------------------------------------------------------------------------------
+
+
+def edit_layer(folder, drop=(), **values):
+    """Change or drop keys of the layer config (top level, or speculators' transformer_layer_config)."""
+    config = config_of(folder)
+    layer = config.get("transformer_layer_config", config)
+    for key in drop:
+        layer.pop(key)
+    layer.update(values)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def short_positions(folder, fmt):
+    edit_layer(folder, max_position_embeddings=2048)
+    return "max_position_embeddings is 2048, expected at least 4096"
+
+
+def other_engines_aux_ids(folder, fmt):
+    """The classic slip: the other engine's convention (AUX = [1, 3, 4] are hidden_states ids)."""
+    if fmt == "sglang":
+        config = config_of(folder)
+        config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] = AUX
+        (folder / "config.json").write_text(json.dumps(config))
+        return "eagle_config.eagle_aux_hidden_state_layer_ids is [1, 3, 4], expected [0, 2, 3]"
+    rewrite(folder, config={"eagle_aux_hidden_state_layer_ids": [0, 2, 3]})
+    return "eagle_aux_hidden_state_layer_ids is [0, 2, 3], expected [1, 3, 4]"
+
+
+def missing_d2t(folder, fmt):
+    rewrite(folder, drop=["d2t"])
+    return "missing tensor d2t: found none, expected shape [64]"
+
+
+def eagle1_architecture(folder, fmt):
+    rewrite(folder, config={"architectures": ["LlamaForCausalLMEagle"]})
+    return "architectures is ['LlamaForCausalLMEagle'], expected ['LlamaForCausalLMEagle3']"
+
+
+def changed_rope_theta(folder, fmt):
+    edit_layer(folder, rope_theta=10000.0)
+    return "rope_theta is 10000.0, expected 500000.0"
+
+
+def deleted_rope_theta(folder, fmt):
+    edit_layer(folder, drop=["rope_theta"])
+    return "rope_theta is missing, expected 500000.0"
+
+
+def changed_rope_parameters(folder, fmt):
+    edit_layer(folder, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    return ("rope_parameters is {'rope_type': 'default', 'rope_theta': 10000.0}, "
+            "expected {'rope_type': 'default', 'rope_theta': 500000.0}")
+
+
+def changed_hidden_act(folder, fmt):
+    edit_layer(folder, hidden_act="gelu")
+    return "hidden_act is 'gelu', expected 'silu'"
+
+
+BROKEN = [short_positions, other_engines_aux_ids, missing_d2t, eagle1_architecture, changed_rope_theta,
+          deleted_rope_theta, changed_rope_parameters, changed_hidden_act]
+TARGET_FIELDS = [short_positions, changed_rope_theta, deleted_rope_theta, changed_rope_parameters, changed_hidden_act]
+
+
+@pytest.mark.parametrize("fmt", ["sglang", "vllm", "speculators"])
+@pytest.mark.parametrize("breakage", BROKEN, ids=lambda f: f.__name__)
+def test_check_catches_each_broken_export(tmp_path, breakage, fmt):
+    """Each breakage is named (field, value found, value expected) from the export record alone and
+    from the target's config alone where the target knows the field."""
+    if breakage is eagle1_architecture and fmt == "speculators":
+        pytest.skip("speculators folders name no engine architecture (vLLM sets it from speculators_model_type)")
+    target, draft = make_draft()
+    out = export(draft, target, tmp_path / "x", fmt)
+    assert check_export(out) == [] and check_export(out, target.config) == []
+    message = breakage(out, fmt)
+    source = "" if breakage is missing_d2t else "baldeagle_export.json"  # a tensor the config.json implies
+    assert any(message in p and source in p for p in check_export(out)), check_export(out)
+    assert any(message in p for p in check_export(out, target.config))
+    if breakage in TARGET_FIELDS:
+        (out / "baldeagle_export.json").unlink()
+        assert any(message in p and "the target's config" in p for p in check_export(out, target.config))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("hidden_size", 32), ("num_attention_heads", 8), ("num_key_value_heads", 1), ("head_dim", 32),
+    ("intermediate_size", 256), ("rms_norm_eps", 1e-6), ("vocab_size", 512), ("attention_bias", True),
+    ("draft_vocab_size", 32), ("rope_scaling", {"rope_type": "linear", "factor": 2.0})])
+def test_check_names_each_changed_field(tmp_path, field, value):
+    target, draft = make_draft()
+    out = export(draft, target, tmp_path / "x", "vllm")
+    before = config_of(out)[field]
+    edit_layer(out, **{field: value})
+    expected = f"{field} is {value!r}, expected {before!r} (baldeagle_export.json"
+    assert any(p.startswith(expected) for p in check_export(out, target.config)), check_export(out, target.config)
+
+
+def test_check_eagle1_architecture_and_fields(tmp_path):
+    target, draft = make_draft("eagle1")
+    out = export(draft, target, tmp_path / "x", "vllm")
+    rewrite(out, config={"architectures": ["LlamaForCausalLMEagle"], "hidden_act": "relu"})  # SGLang's name
+    problems = check_export(out, target.config)
+    assert any("architectures is ['LlamaForCausalLMEagle'], expected ['LlamaForCausalLM'] for an eagle1 draft "
+               "in the vllm format" in p for p in problems)
+    assert any("hidden_act is 'relu', expected 'silu' (baldeagle_export.json, the target's config)" in p
+               for p in problems)
+
+
+def test_check_with_model_uses_the_targets_config(tmp_path, capsys):
+    """`baldeagle export --check DIR --model M`: without the export record the target's config decides."""
+    target, draft = make_draft()
+    out = export(draft, target, tmp_path / "x", "speculators")
+    target.config.save_pretrained(tmp_path / "target")
+    (out / "baldeagle_export.json").unlink()
+    edit_layer(out, drop=["rope_theta", "rope_parameters"])  # readers fall back to 10000
+    with pytest.raises(ValueError, match="problem"):
+        run_export(ExportConfig(check=str(out), model=str(tmp_path / "target")))
+    printed = capsys.readouterr().out
+    assert "problem: rope_theta is missing, expected 500000.0 (the target's config)" in printed
+    assert "problem: rope_parameters is {'rope_type': 'default', 'rope_theta': 10000.0}, expected" in printed
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header only", "garbage", "empty"])
+def test_corrupt_weights_are_named_not_a_traceback(tmp_path, capsys, damage):
+    target, out = exported(tmp_path)
+    weights = out / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"truncated": data[: len(data) - 100], "header only": data[:200],
+                         "garbage": b"not a safetensors file " * 8, "empty": b""}[damage])
+    problems = check_export(out, target.config)
+    assert problems == [problems[0]] and problems[0].startswith(f"{weights} is truncated or corrupt")
+    with pytest.raises(ValueError, match=re.escape(f"{weights} is truncated or corrupt")):
+        load_exported(out, target=target)
+    with pytest.raises(ValueError, match="1 problem"):
+        run_export(ExportConfig(check=str(out)))
+    assert f"problem: {weights} is truncated or corrupt" in capsys.readouterr().out
+
+
+def test_corrupt_config_is_named(tmp_path):
+    target, out = exported(tmp_path)
+    (out / "config.json").write_text('{"architectures": ["LlamaForCausalLMEagle3"], ')
+    assert check_export(out)[0].startswith(f"{out / 'config.json'} is not readable JSON")
+    with pytest.raises(ValueError, match="config.json is not readable JSON"):
+        load_exported(out, target=target)
+
+
+@pytest.mark.parametrize("fmt", ["sglang", "vllm", "speculators"])
+def test_readme_commands_are_shell_quoted(tmp_path, fmt):
+    """A path with spaces, quotes and a `$` comes back exactly from `shlex.split` of each command."""
+    target, draft = make_draft()
+    out = export(draft, target, tmp_path / "my draft's \"export\" $HOME", fmt)
+    path = str(out.resolve())
+    text = (out / "README.md").read_text()
+    commands = [shlex.split(block.replace("\\\n", " ")) for block in re.findall(r"```bash\n(.*?)```", text, re.S)]
+    assert shlex.split(re.search(r"Check it: `(.*)`", text).group(1)) == ["baldeagle", "export", "--check", path]
+    if fmt == "sglang":
+        (command,) = commands
+        assert command[command.index("--speculative-draft-model-path") + 1] == path
+        return
+    spec = [json.loads(c[c.index("--speculative-config") + 1]) for c in commands if "--speculative-config" in c]
+    assert spec == [{"method": "eagle3", "model": path, "num_speculative_tokens": 3}]
+    assert (fmt == "speculators") == (["vllm", "serve", path] in commands)
+    python = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    call = next(n for n in ast.walk(ast.parse(python)) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "LLM")
+    assert ast.literal_eval(call.keywords[1].value) == spec[0]
 
 
 # ---------------------------------------------------------------------------------------------
