@@ -178,7 +178,7 @@ def prompt_lookup_generate(target, ids, settings: SpecSettings, pad_id: int) -> 
     import time
 
     sampling = settings.temperature > 0
-    kwargs = dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p) if sampling else {}
+    kwargs = dict(temperature=settings.temperature, top_p=settings.top_p) if sampling else {}
     start = time.perf_counter()
     with torch.inference_mode():
         out = target.generate(
@@ -219,6 +219,20 @@ def quartiles(values: list[float]) -> tuple[float, float, float] | None:
         return values[0], values[0], values[0]
     q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
     return q1, q2, q3
+
+
+PREFIXES = {"plain": "baseline_", "speculative": "", "prompt_lookup": "prompt_lookup_"}  # record keys per decoder
+
+
+def median_timings(record: dict) -> dict:
+    """A turn's per-decoder median wall and CPU seconds over its timing repeats (`record["timings"]`,
+    as `time_turn` returns them) and the turn's speedups from those medians."""
+    out = {}
+    for name, runs in record["timings"].items():
+        out[PREFIXES[name] + "seconds"] = statistics.median(runs["wall"])
+        out[PREFIXES[name] + "cpu_seconds"] = statistics.median(runs["cpu"])
+    turn = [{**record, **out}]
+    return {**out, "speedup": _ratio(turn), "cpu_speedup": _ratio(turn, "cpu_seconds")}
 
 
 def _rate(rows: list[dict], prefix: str, seconds: str = "seconds") -> float:
@@ -282,11 +296,10 @@ def timing_summary(records: list[dict], with_lookup: bool) -> dict:
     second below the thread count, shows contention.
     """
     q1, median, q3 = quartiles([r["speedup"] for r in records if r["speedup"] is not None]) or (None,) * 3
-    decoders = {"plain": "baseline_", "speculative": "", **({"prompt_lookup": "prompt_lookup_"} if with_lookup else {})}
     busy = {}
-    for name, prefix in decoders.items():
-        wall = sum(r[prefix + "seconds"] for r in records)
-        busy[name] = sum(r[prefix + "cpu_seconds"] for r in records) / wall if wall else None
+    for name in ["plain", "speculative"] + (["prompt_lookup"] if with_lookup else []):
+        wall = sum(r[PREFIXES[name] + "seconds"] for r in records)
+        busy[name] = sum(r[PREFIXES[name] + "cpu_seconds"] for r in records) / wall if wall else None
     return {
         "timing_repeats": max((len(r["timings"]["plain"]["wall"]) for r in records), default=0),
         "turn_speedup_median": median,
@@ -410,14 +423,10 @@ def _decode_turn(session: Session, prompt: Prompt, turn: int, ids: torch.Tensor,
         "new_tokens": len(spec.tokens), "accepted": spec.accepted, "baseline_new_tokens": len(base.tokens),
         "matches_baseline": spec.tokens == base.tokens, "repeats_identical": identical, "timings": timings,
     }
-    for name, prefix in (("plain", "baseline_"), ("speculative", ""), ("prompt_lookup", "prompt_lookup_")):
-        if name in first:
-            record[prefix + "seconds"] = statistics.median(timings[name]["wall"])
-            record[prefix + "cpu_seconds"] = statistics.median(timings[name]["cpu"])
     if "prompt_lookup" in first:
         record.update(prompt_lookup_new_tokens=len(first["prompt_lookup"].tokens),
                       prompt_lookup_matches_baseline=first["prompt_lookup"].tokens == base.tokens)
-    record["speedup"], record["cpu_speedup"] = _ratio([record]), _ratio([record], "cpu_seconds")
+    record.update(median_timings(record))
     if greedy and spec.tokens != base.tokens:
         record["first_mismatch"] = first_mismatch(session.target, ids, base.tokens, spec.tokens)
     return record, base.tokens
