@@ -145,6 +145,9 @@ class EvalConfig:
     limit: int = _help("evaluate at most this many prompts (0 = all; MT-bench: spread over its categories)", default=0)
     first_turn_only: bool = _help("only the first turn of each prompt", default=False)
     prompt_lookup: bool = _help("also time Transformers prompt lookup decoding", default=True)
+    timing_repeats: int = _help(
+        "times each turn's decoders are run, interleaved (order reversed every other time); speedups use "
+        "per-decoder medians", default=2)
     seed: int = _help("random seed for sampling", default=0)
     target_dtype: str = _help("dtype of the target and draft: float32 or bfloat16", default="float32")
     trust_remote_code: bool = _help("allow code from the model repository to run", default=False)

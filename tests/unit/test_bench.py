@@ -1,14 +1,31 @@
 """`run_eval` on a tiny saved target + draft: eval.json, the plot, and clear errors on bad input."""
 
 import json
+import statistics
 
 import pytest
+import torch
 from tiny_chat import char_tokenizer
 from tiny_targets import tiny_draft, tiny_target
 
 from baldeagle.config import EvalConfig
-from baldeagle.decode.bench import load_prompt_set, run_eval
+from baldeagle.decode.bench import (
+    load_prompt_set,
+    median_timings,
+    prompt_lookup_generate,
+    quartiles,
+    run_eval,
+    summarise,
+    time_turn,
+)
+from baldeagle.decode.speculative import Generation, SpecSettings, plain_generate, speculative_generate
 from baldeagle.model.checkpoint import save_draft
+
+# DESIGN.md §3, "Evaluation result" (the settings used are `settings`)
+DESIGN_KEYS = ["acceptance_length", "per_position_acceptance", "tokens_per_second", "baseline_tokens_per_second",
+               "speedup", "outputs_match_baseline", "num_prompts", "new_tokens", "settings"]
+TIMING_KEYS = ["timing_repeats", "turn_speedup_median", "turn_speedup_q1", "turn_speedup_q3", "turn_speedup_iqr",
+               "cpu_speedup", "cpu_speedup_vs_prompt_lookup", "cpu_seconds_per_wall_second", "repeats_identical"]
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +58,8 @@ def test_run_eval_writes_eval_json_and_plot(saved, tmp_path, mode):
     result = run_eval(config(saved, tmp_path, mode=mode))
     out = tmp_path / "eval"
     saved_json = json.loads((out / "eval.json").read_text())
-    for key in ["acceptance_length", "per_position_acceptance", "tokens_per_second", "baseline_tokens_per_second",
-                "prompt_lookup_tokens_per_second", "speedup", "speedup_vs_prompt_lookup", "outputs_match_baseline",
-                "num_prompts", "new_tokens", "per_category", "settings"]:
+    for key in DESIGN_KEYS + TIMING_KEYS + ["prompt_lookup_tokens_per_second", "speedup_vs_prompt_lookup",
+                                           "per_category"]:
         assert key in saved_json
     assert saved_json["outputs_match_baseline"] is True and saved_json["prompt_lookup_matches_baseline"] is True
     assert saved_json["num_prompts"] == 2 and saved_json["num_turns"] == 3
@@ -59,6 +75,114 @@ def test_run_eval_sampling_reports_no_exactness(saved, tmp_path):
     assert result["num_turns"] == 2
 
 
+def _turn(category, tokens, plain_wall, spec_wall, plain_cpu, spec_cpu):
+    """A hand-made turn record: raw timings per repeat, as time_turn gives them."""
+    record = {"prompt_id": category, "category": category, "accepted": [0], "new_tokens": tokens,
+              "baseline_new_tokens": tokens, "matches_baseline": True, "repeats_identical": True,
+              "timings": {"plain": {"wall": plain_wall, "cpu": plain_cpu},
+                          "speculative": {"wall": spec_wall, "cpu": spec_cpu}}}
+    return {**record, **median_timings(record)}
+
+
+def test_quartiles_interpolate_like_numpy():
+    assert quartiles([4.0, 1.0, 3.0, 2.0]) == pytest.approx((1.75, 2.5, 3.25))
+    assert quartiles([0.5, 2.0, 1.0]) == pytest.approx((0.75, 1.0, 1.5))
+    assert quartiles([5.0]) == (5.0, 5.0, 5.0) and quartiles([]) is None
+
+
+def test_speedup_comes_from_median_seconds_and_reports_its_spread():
+    """A load burst in one repeat (9 s, 8 s) moves no median; the speedup is summed tokens over summed medians."""
+    records = [
+        _turn("a", 20, [2.0, 2.2, 9.0], [1.0, 1.1, 1.2], [2.0, 2.0, 2.0], [1.0, 1.5, 1.0]),  # 2.0x, CPU 2.0x
+        _turn("b", 10, [1.0, 1.0, 1.0], [2.0, 8.0, 2.0], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]),  # 0.5x, CPU 1.0x
+        _turn("b", 30, [3.0, 3.0, 3.0], [3.0, 3.0, 3.0], [3.0, 3.0, 3.0], [2.0, 2.0, 2.0]),  # 1.0x, CPU 1.5x
+    ]
+    assert [r["baseline_seconds"] for r in records] == [2.2, 1.0, 3.0]
+    assert [r["seconds"] for r in records] == [1.1, 2.0, 3.0]
+    assert [r["speedup"] for r in records] == pytest.approx([2.0, 0.5, 1.0])
+    assert [r["cpu_speedup"] for r in records] == pytest.approx([2.0, 1.0, 1.5])
+    result = summarise(records, max_depth=1, greedy=True, with_lookup=False)
+    assert result["tokens_per_second"] == pytest.approx(60 / 6.1)
+    assert result["baseline_tokens_per_second"] == pytest.approx(60 / 6.2)
+    assert result["speedup"] == pytest.approx(6.2 / 6.1)
+    assert (result["turn_speedup_q1"], result["turn_speedup_median"], result["turn_speedup_q3"]) == pytest.approx(
+        (0.75, 1.0, 1.5))
+    assert result["turn_speedup_iqr"] == pytest.approx(0.75)
+    assert result["cpu_speedup"] == pytest.approx((60 / 4.0) / (60 / 6.0))
+    assert result["cpu_seconds_per_wall_second"] == pytest.approx({"plain": 6.0 / 6.2, "speculative": 4.0 / 6.1})
+    assert result["timing_repeats"] == 3 and result["repeats_identical"] is True
+    assert result["per_category"]["b"]["speedup"] == pytest.approx((40 / 5.0) / (40 / 4.0))
+    assert result["cpu_speedup_vs_prompt_lookup"] is None
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_time_turn_interleaves_and_repeats_give_the_same_tokens(temperature):
+    target = tiny_target("llama")
+    draft, _ = tiny_draft(target, "eagle3")
+    settings = SpecSettings(mode="chain", num_draft_tokens=3, max_new_tokens=10, temperature=temperature)
+    calls = []
+
+    def recorded(name, decode):
+        def run(ids, s, generator):
+            calls.append((name, decode(ids, s, generator)))
+            return calls[-1][1]
+        return run
+
+    decoders = {
+        "plain": recorded("plain", lambda ids, s, g: plain_generate(target, ids, s, g)),
+        "speculative": recorded("speculative", lambda ids, s, g: speculative_generate(target, draft, ids, s, g)),
+        "prompt_lookup": recorded("prompt_lookup", lambda ids, s, g: prompt_lookup_generate(target, ids, s, 0)),
+    }
+    ids = torch.tensor([[5, 9, 17, 5, 9, 17, 5, 9]])
+    first, timings, identical = time_turn(decoders, ids, settings, {"plain": 3, "speculative": 4, "prompt_lookup": 5},
+                                          repeats=3)
+    order = ["plain", "speculative", "prompt_lookup"]
+    assert [name for name, _ in calls] == order + order[::-1] + order
+    for name in order:
+        runs = [generation.tokens for n, generation in calls if n == name]
+        assert len(runs[0]) == 10 and runs == [first[name].tokens] * 3
+        assert len(timings[name]["wall"]) == len(timings[name]["cpu"]) == 3
+        assert all(t >= 0 for t in timings[name]["wall"] + timings[name]["cpu"])
+    assert identical is True
+    if temperature == 0:
+        assert first["plain"].tokens == first["speculative"].tokens == first["prompt_lookup"].tokens
+
+
+def test_time_turn_reports_repeats_that_differ():
+    answers = iter([[1, 2], [1, 3]])
+    first, _, identical = time_turn({"plain": lambda ids, s, g: Generation(next(answers))}, None, SpecSettings(),
+                                    {"plain": 0}, repeats=2)
+    assert first["plain"].tokens == [1, 2] and identical is False
+
+
+def test_run_eval_with_three_timing_repeats(saved, tmp_path):
+    result = run_eval(config(saved, tmp_path, mode="chain", timing_repeats=3))
+    saved_json = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    for key in DESIGN_KEYS + TIMING_KEYS:
+        assert key in saved_json
+    assert saved_json["timing_repeats"] == saved_json["settings"]["timing_repeats"] == 3
+    assert saved_json["repeats_identical"] is True and saved_json["outputs_match_baseline"] is True
+    turns = saved_json["turns"]
+    for turn in turns:
+        assert turn["repeats_identical"] is True
+        assert all(len(turn["timings"][name]["wall"]) == 3 for name in ("plain", "speculative", "prompt_lookup"))
+        assert turn["seconds"] == statistics.median(turn["timings"]["speculative"]["wall"])
+        assert turn["baseline_cpu_seconds"] == statistics.median(turn["timings"]["plain"]["cpu"])
+    medians = {name: sum(statistics.median(t["timings"][name]["wall"]) for t in turns)
+               for name in ("plain", "speculative")}
+    spec_rate = sum(t["new_tokens"] for t in turns) / medians["speculative"]
+    base_rate = sum(t["baseline_new_tokens"] for t in turns) / medians["plain"]
+    assert result["speedup"] == pytest.approx(spec_rate / base_rate)
+    assert result["turn_speedup_median"] == pytest.approx(statistics.median(t["speedup"] for t in turns))
+    assert "speedup per turn" in _table(result) and "CPU time" in _table(result)
+
+
+def _table(result):
+    from baldeagle.decode.bench import format_table
+
+    return format_table(result)
+
+
 @pytest.mark.parametrize(
     "overrides,error,match",
     [
@@ -67,6 +191,7 @@ def test_run_eval_sampling_reports_no_exactness(saved, tmp_path):
         (dict(temperature=-0.5), ValueError, "temperature"),
         (dict(mode="beam"), ValueError, "mode"),
         (dict(target_dtype="int8"), ValueError, "target_dtype"),
+        (dict(timing_repeats=0), ValueError, "timing_repeats"),
         (dict(max_new_tokens=600), ValueError, "exceeds the target's context of 512"),
         (dict(prompts="missing.jsonl"), FileNotFoundError, "not found"),
     ],

@@ -1,9 +1,16 @@
 """`baldeagle eval`: speculative decoding against plain decoding (and prompt lookup), side by side.
 
-For every prompt turn the same rendered conversation is decoded three ways, one after the other:
-plain target decoding (the baseline, one forward per token), speculative decoding with the draft
-(chain or EAGLE-2 tree), and optionally Transformers prompt lookup decoding. A later turn sees the
-baseline's answer to the earlier one (greedy speculative answers are identical anyway).
+For every prompt turn the same rendered conversation is decoded three ways: plain target decoding
+(the baseline, one forward per token), speculative decoding with the draft (chain or EAGLE-2 tree),
+and optionally Transformers prompt lookup decoding. A later turn sees the baseline's answer to the
+earlier one (greedy speculative answers are identical anyway).
+
+Timing: a burst of load on a shared machine during one decode would decide a ratio of two single
+timings, so each turn runs the decoders `timing_repeats` times, interleaved, the order reversed
+every other repeat (plain, speculative, lookup, then lookup, speculative, plain), and keeps each
+decoder's median wall and CPU seconds. Every run of a decoder starts from the same seed, so the
+repeats decode the same tokens (recorded as repeats_identical); acceptance and exactness come from
+the first run.
 
 Metrics (written to `<out>/eval.json`):
 - acceptance_length τ = 1 + accepted draft tokens / verification steps, i.e. the mean number of
@@ -11,7 +18,12 @@ Metrics (written to `<out>/eval.json`):
   max_new_tokens, so a perfect draft scores exactly k + 1, or depth + 1 for trees);
 - per_position_acceptance[i]: share of verification steps that accepted at least i + 1 draft tokens;
 - tokens_per_second (speculative), baseline_tokens_per_second, prompt_lookup_tokens_per_second:
-  new tokens / wall time over all turns, prefill included; speedup = their ratios;
+  new tokens / summed per-turn median wall time, prefill included; speedup = their ratios;
+- turn_speedup_median / _q1 / _q3 / _iqr: the spread of the per-turn speedups (from the medians);
+- cpu_speedup, cpu_speedup_vs_prompt_lookup: the same ratios in CPU seconds (time.process_time,
+  all threads of this process), which contention from other processes barely moves; with
+  cpu_seconds_per_wall_second per decoder they show how much the machine's load bent the wall time;
+- timing_repeats, repeats_identical: how the timings were taken, and that repeats matched;
 - outputs_match_baseline: every speculative answer equals the baseline token for token (greedy;
   null when sampling, where answers legitimately differ).
 """
@@ -21,7 +33,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import statistics
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,7 +178,7 @@ def prompt_lookup_generate(target, ids, settings: SpecSettings, pad_id: int) -> 
     import time
 
     sampling = settings.temperature > 0
-    kwargs = dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p) if sampling else {}
+    kwargs = dict(temperature=settings.temperature, top_p=settings.top_p) if sampling else {}
     start = time.perf_counter()
     with torch.inference_mode():
         out = target.generate(
@@ -197,17 +211,49 @@ def _settings(cfg: EvalConfig, eos: tuple[int, ...] = ()) -> SpecSettings:
     )
 
 
+def quartiles(values: list[float]) -> tuple[float, float, float] | None:
+    """(first quartile, median, third quartile), linearly interpolated (numpy's default); None if empty."""
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+PREFIXES = {"plain": "baseline_", "speculative": "", "prompt_lookup": "prompt_lookup_"}  # record keys per decoder
+
+
+def median_timings(record: dict) -> dict:
+    """A turn's per-decoder median wall and CPU seconds over its timing repeats (`record["timings"]`,
+    as `time_turn` returns them) and the turn's speedups from those medians."""
+    out = {}
+    for name, runs in record["timings"].items():
+        out[PREFIXES[name] + "seconds"] = statistics.median(runs["wall"])
+        out[PREFIXES[name] + "cpu_seconds"] = statistics.median(runs["cpu"])
+    turn = [{**record, **out}]
+    return {**out, "speedup": _ratio(turn), "cpu_speedup": _ratio(turn, "cpu_seconds")}
+
+
+def _rate(rows: list[dict], prefix: str, seconds: str = "seconds") -> float:
+    """Summed new tokens over summed (median) seconds of one decoder: '' speculative, 'baseline_' plain,
+    'prompt_lookup_'; `seconds` is 'seconds' (wall) or 'cpu_seconds'."""
+    spent = sum(r[prefix + seconds] for r in rows)
+    return sum(r[prefix + "new_tokens"] for r in rows) / spent if spent else 0.0
+
+
+def _ratio(rows: list[dict], seconds: str = "seconds", other: str = "baseline_") -> float | None:
+    """Speculative tokens/s over `other`'s tokens/s."""
+    base = _rate(rows, other, seconds)
+    return _rate(rows, "", seconds) / base if base else None
+
+
 def summarise(records: list[dict], max_depth: int, greedy: bool, with_lookup: bool) -> dict:
-    """Aggregate per-turn records into the eval.json metrics."""
+    """Aggregate per-turn records (seconds: each decoder's median over the timing repeats) into eval.json."""
     accepted = [a for r in records for a in r["accepted"]]
     steps = max(len(accepted), 1)
-
-    def rate(key_tokens, key_seconds):
-        seconds = sum(r[key_seconds] for r in records)
-        return sum(r[key_tokens] for r in records) / seconds if seconds else 0.0
-
-    tps, base_tps = rate("new_tokens", "seconds"), rate("baseline_new_tokens", "baseline_seconds")
-    lookup_tps = rate("prompt_lookup_new_tokens", "prompt_lookup_seconds") if with_lookup else None
+    tps, base_tps = _rate(records, ""), _rate(records, "baseline_")
+    lookup_tps = _rate(records, "prompt_lookup_") if with_lookup else None
     categories = {}
     for name in sorted({r["category"] for r in records}):
         rows = [r for r in records if r["category"] == name]
@@ -215,7 +261,8 @@ def summarise(records: list[dict], max_depth: int, greedy: bool, with_lookup: bo
         categories[name] = {
             "acceptance_length": 1 + sum(acc) / max(len(acc), 1),
             "turns": len(rows),
-            "speedup": rate_ratio(rows),
+            "speedup": _ratio(rows),
+            "cpu_speedup": _ratio(rows, "cpu_seconds"),
         }
     return {
         "acceptance_length": 1 + sum(accepted) / steps,
@@ -225,6 +272,7 @@ def summarise(records: list[dict], max_depth: int, greedy: bool, with_lookup: bo
         "prompt_lookup_tokens_per_second": lookup_tps,
         "speedup": tps / base_tps if base_tps else None,
         "speedup_vs_prompt_lookup": tps / lookup_tps if lookup_tps else None,
+        **timing_summary(records, with_lookup),
         "outputs_match_baseline": all(r["matches_baseline"] for r in records) if greedy else None,
         "mismatched_turns": sum(not r["matches_baseline"] for r in records) if greedy else None,
         "max_mismatch_logit_gap": max((r["first_mismatch"]["top2_logit_gap"] for r in records
@@ -240,22 +288,69 @@ def summarise(records: list[dict], max_depth: int, greedy: bool, with_lookup: bo
     }
 
 
-def rate_ratio(rows: list[dict]) -> float | None:
-    spec = sum(r["new_tokens"] for r in rows) / max(sum(r["seconds"] for r in rows), 1e-9)
-    base = sum(r["baseline_new_tokens"] for r in rows) / max(sum(r["baseline_seconds"] for r in rows), 1e-9)
-    return spec / base if base else None
+def timing_summary(records: list[dict], with_lookup: bool) -> dict:
+    """How far the speedup can be trusted: its spread over turns, and CPU time beside wall time.
+
+    CPU seconds (all threads of this process) hardly grow when other processes take the cores,
+    while wall seconds do: a CPU-time speedup far from the wall-time one, or CPU seconds per wall
+    second below the thread count, shows contention.
+    """
+    q1, median, q3 = quartiles([r["speedup"] for r in records if r["speedup"] is not None]) or (None,) * 3
+    busy = {}
+    for name in ["plain", "speculative"] + (["prompt_lookup"] if with_lookup else []):
+        wall = sum(r[PREFIXES[name] + "seconds"] for r in records)
+        busy[name] = sum(r[PREFIXES[name] + "cpu_seconds"] for r in records) / wall if wall else None
+    return {
+        "timing_repeats": max((len(r["timings"]["plain"]["wall"]) for r in records), default=0),
+        "turn_speedup_median": median,
+        "turn_speedup_q1": q1,
+        "turn_speedup_q3": q3,
+        "turn_speedup_iqr": None if q1 is None else q3 - q1,
+        "cpu_speedup": _ratio(records, "cpu_seconds"),
+        "cpu_speedup_vs_prompt_lookup": _ratio(records, "cpu_seconds", "prompt_lookup_") if with_lookup else None,
+        "cpu_seconds_per_wall_second": busy,
+        "repeats_identical": all(r["repeats_identical"] for r in records),
+    }
 
 
-@torch.inference_mode()
-def run_eval(cfg: EvalConfig) -> dict:
-    """Evaluate a draft: decode every prompt plainly and speculatively; write eval.json and a plot."""
-    from tqdm.auto import tqdm
+# ------------------------------------------------------------------------------------------
+# The run: load, warm up, decode every turn (timed, interleaved, repeated), summarise, write
+# ------------------------------------------------------------------------------------------
 
-    from baldeagle.io import atomic_write_json, provenance
+
+@dataclass
+class Session:
+    """Everything loaded and checked before the first decode."""
+
+    cfg: EvalConfig
+    settings: SpecSettings
+    prompts: list[Prompt]
+    target: object
+    draft: object
+    tokenizer: object
+    warnings: list[str]
+    pad_id: int
+    packed: bool
+
+    def decoders(self) -> dict:
+        """name → decode(ids, settings, generator), in the order of a turn's first timing repeat."""
+        out = {
+            "plain": lambda ids, s, g: plain_generate(self.target, ids, s, g),
+            "speculative": lambda ids, s, g: speculative_generate(self.target, self.draft, ids, s, g),
+        }
+        if self.cfg.prompt_lookup:
+            out["prompt_lookup"] = lambda ids, s, g: prompt_lookup_generate(self.target, ids, s, self.pad_id)
+        return out
+
+
+def _load(cfg: EvalConfig) -> Session:
+    """Check the settings, load prompts, draft, tokenizer and target, and check they fit together."""
     from baldeagle.model.checkpoint import load_draft
     from baldeagle.targets import load_target, load_tokenizer, stop_token_ids
 
-    settings = _settings(cfg)  # bad k / top_p / temperature fail here, before anything loads
+    _settings(cfg)  # bad k / top_p / temperature fail here, before anything loads
+    if cfg.timing_repeats < 1:
+        raise ValueError(f"timing_repeats must be at least 1, got {cfg.timing_repeats}")
     if cfg.target_dtype not in DTYPES:
         raise ValueError(f"target_dtype must be one of {sorted(DTYPES)}, got {cfg.target_dtype!r}")
     dtype = DTYPES[cfg.target_dtype]
@@ -278,51 +373,99 @@ def run_eval(cfg: EvalConfig) -> dict:
     packed = pack_linears(target)
     pack_linears(draft)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (settings.eos_token_ids or (0,))[0]
-    greedy = cfg.temperature == 0
-    generator = torch.Generator().manual_seed(cfg.seed)
+    return Session(cfg, settings, prompts, target, draft, tokenizer, warnings, pad_id, packed)
 
-    # Warm-up (first calls allocate and install hooks), then decode every turn three ways.
-    warm_ids = render(tokenizer, prompts[0], [], 0)
-    warm = dataclasses.replace(settings, max_new_tokens=8)
-    plain_generate(target, warm_ids, warm, generator)
-    speculative_generate(target, draft, warm_ids, warm, generator)
-    if cfg.prompt_lookup:
-        prompt_lookup_generate(target, warm_ids, warm, pad_id)
 
+def _warm_up(session: Session) -> None:
+    """First calls allocate and install hooks: run every decoder once, briefly, untimed."""
+    ids = render(session.tokenizer, session.prompts[0], [], 0)
+    warm = dataclasses.replace(session.settings, max_new_tokens=8)
+    for decode in session.decoders().values():
+        decode(ids, warm, torch.Generator().manual_seed(session.cfg.seed))
+
+
+def time_turn(decoders: dict, ids: torch.Tensor, settings: SpecSettings, seeds: dict, repeats: int):
+    """Run every decoder `repeats` times, interleaved, the order reversed every other repeat
+    (A B C, C B A, ...: a steady drift in load weighs on all decoders alike).
+
+    Each run of a decoder starts from the same seed (its own generator and the global RNG, which
+    Transformers' sampling uses), so repeats decode the same tokens. Returns each decoder's first
+    Generation and its wall and CPU seconds per repeat, and whether every repeat matched the first.
+    """
+    first, timings, identical = {}, {name: {"wall": [], "cpu": []} for name in decoders}, True
+    names = list(decoders)
+    for repeat in range(repeats):
+        for name in names if repeat % 2 == 0 else names[::-1]:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seeds[name])
+                generator = torch.Generator().manual_seed(seeds[name])
+                wall, cpu = time.perf_counter(), time.process_time()
+                generation = decoders[name](ids, settings, generator)
+                timings[name]["cpu"].append(time.process_time() - cpu)
+                timings[name]["wall"].append(time.perf_counter() - wall)
+            if name not in first:
+                first[name] = generation
+            identical = identical and generation.tokens == first[name].tokens
+    return first, timings, identical
+
+
+def _decode_turn(session: Session, prompt: Prompt, turn: int, ids: torch.Tensor, seeds: dict):
+    """One turn decoded every way: (its record, the plain answer's tokens). Acceptance and exactness
+    come from each decoder's first run, seconds are medians over the repeats."""
+    greedy = session.cfg.temperature == 0
+    first, timings, identical = time_turn(session.decoders(), ids, session.settings, seeds, session.cfg.timing_repeats)
+    base, spec = first["plain"], first["speculative"]
+    if greedy and not identical:
+        session.warnings.append(f"prompt {prompt.id} turn {turn}: a repeated greedy decode gave other tokens")
+        print(f"baldeagle: warning: {session.warnings[-1]}", flush=True)
+    record = {
+        "prompt_id": prompt.id, "category": prompt.category, "turn": turn, "prompt_tokens": ids.shape[1],
+        "new_tokens": len(spec.tokens), "accepted": spec.accepted, "baseline_new_tokens": len(base.tokens),
+        "matches_baseline": spec.tokens == base.tokens, "repeats_identical": identical, "timings": timings,
+    }
+    if "prompt_lookup" in first:
+        record.update(prompt_lookup_new_tokens=len(first["prompt_lookup"].tokens),
+                      prompt_lookup_matches_baseline=first["prompt_lookup"].tokens == base.tokens)
+    record.update(median_timings(record))
+    if greedy and spec.tokens != base.tokens:
+        record["first_mismatch"] = first_mismatch(session.target, ids, base.tokens, spec.tokens)
+    return record, base.tokens
+
+
+def _decode_all(session: Session) -> list[dict]:
+    """Every prompt turn by turn; a later turn sees the plain decode's answer to the earlier one."""
+    from tqdm.auto import tqdm
+
+    seeder = torch.Generator().manual_seed(session.cfg.seed)  # one seed per decoder and turn
     records = []
-    bar = tqdm(total=sum(len(p.turns) for p in prompts), desc="eval", unit="turn")
-    for prompt in prompts:
+    bar = tqdm(total=sum(len(p.turns) for p in session.prompts), desc="eval", unit="turn")
+    for prompt in session.prompts:
         answers: list[str] = []
         for turn in range(len(prompt.turns)):
-            ids = render(tokenizer, prompt, answers, turn)
-            base = plain_generate(target, ids, settings, generator)
-            spec = speculative_generate(target, draft, ids, settings, generator)
-            record = {
-                "prompt_id": prompt.id, "category": prompt.category, "turn": turn,
-                "prompt_tokens": ids.shape[1], "new_tokens": len(spec.tokens), "seconds": spec.seconds,
-                "accepted": spec.accepted, "baseline_new_tokens": len(base.tokens),
-                "baseline_seconds": base.seconds, "matches_baseline": spec.tokens == base.tokens,
-            }
-            if greedy and spec.tokens != base.tokens:
-                record["first_mismatch"] = first_mismatch(target, ids, base.tokens, spec.tokens)
-            if cfg.prompt_lookup:
-                lookup = prompt_lookup_generate(target, ids, settings, pad_id)
-                record.update(prompt_lookup_new_tokens=len(lookup.tokens), prompt_lookup_seconds=lookup.seconds,
-                              prompt_lookup_matches_baseline=lookup.tokens == base.tokens)
+            ids = render(session.tokenizer, prompt, answers, turn)
+            seeds = {name: int(torch.randint(2**31, (), generator=seeder)) for name in session.decoders()}
+            record, answer = _decode_turn(session, prompt, turn, ids, seeds)
             records.append(record)
-            answers.append(tokenizer.decode(base.tokens, skip_special_tokens=True))
+            answers.append(session.tokenizer.decode(answer, skip_special_tokens=True))
             bar.update(1)
-            bar.set_postfix(tau=f"{1 + sum(spec.accepted) / max(spec.steps, 1):.2f}")
+            bar.set_postfix(tau=f"{1 + sum(record['accepted']) / max(len(record['accepted']), 1):.2f}")
     bar.close()
+    return records
 
-    result = summarise(records, settings.shape[0], greedy, cfg.prompt_lookup)
+
+def _write(session: Session, records: list[dict]) -> dict:
+    """Summarise into eval.json (with settings, warnings, every turn, provenance), the plot and the table."""
+    from baldeagle.io import atomic_write_json, provenance
+
+    cfg, settings = session.cfg, session.settings
+    result = summarise(records, settings.shape[0], cfg.temperature == 0, cfg.prompt_lookup)
     result["settings"] = {
         **to_dict(cfg), "eos_token_ids": list(settings.eos_token_ids), "tree_shape": list(settings.shape),
         "prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS if cfg.prompt_lookup else None,
-        "draft_type": draft.config.draft_type, "draft_vocab_size": draft.config.draft_vocab_size,
-        "torch_threads": torch.get_num_threads(), "packed_linear_weights": packed,
+        "draft_type": session.draft.config.draft_type, "draft_vocab_size": session.draft.config.draft_vocab_size,
+        "torch_threads": torch.get_num_threads(), "packed_linear_weights": session.packed,
     }
-    result["warnings"] = warnings
+    result["warnings"] = session.warnings
     result["turns"] = records
     result["provenance"] = provenance()
     out = Path(cfg.out)
@@ -331,6 +474,14 @@ def run_eval(cfg: EvalConfig) -> dict:
     plot_acceptance(result, out / "acceptance.png")
     print(format_table(result), flush=True)
     return result
+
+
+@torch.inference_mode()
+def run_eval(cfg: EvalConfig) -> dict:
+    """Evaluate a draft: decode every prompt plainly and speculatively; write eval.json and a plot."""
+    session = _load(cfg)
+    _warm_up(session)
+    return _write(session, _decode_all(session))
 
 
 # ------------------------------------------------------------------------------------------
@@ -354,6 +505,12 @@ def format_table(result: dict) -> str:
         f"  tokens/s prompt lookup   {num(result['prompt_lookup_tokens_per_second'], '{:.1f}')}",
         f"  speedup vs plain         {num(result['speedup'], '{:.2f}x')}",
         f"  speedup vs prompt lookup {num(result['speedup_vs_prompt_lookup'], '{:.2f}x')}",
+        f"  speedup per turn         median {num(result['turn_speedup_median'], '{:.2f}x')}, "
+        f"IQR {num(result['turn_speedup_q1'], '{:.2f}')}-{num(result['turn_speedup_q3'], '{:.2f}x')}",
+        f"  speedup in CPU time      {num(result['cpu_speedup'], '{:.2f}x')}  (CPU s per wall s: "
+        + ", ".join(f"{name} {num(busy)}" for name, busy in result["cpu_seconds_per_wall_second"].items()) + ")",
+        f"  timing                   median of {result['timing_repeats']} interleaved runs per turn"
+        + ("" if result["repeats_identical"] else "; REPEATS DIFFERED"),
         f"  outputs match baseline   {result['outputs_match_baseline']}",
     ]
     if result["mismatched_turns"]:
