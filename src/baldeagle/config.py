@@ -247,6 +247,14 @@ def field_names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
+def _yaml(text: str, key: str, source: str) -> Any:
+    """Parse one override value as YAML, or raise naming the key and where it came from."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{key} (from {source}) is not valid YAML: {text!r} ({error.problem})") from None
+
+
 def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
     """Convert a YAML/CLI value to the field's declared type, or raise naming the key."""
     origin = typing.get_origin(annotation)
@@ -258,13 +266,13 @@ def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
         return _coerce(value, inner[0], key, source)
     if origin in (list, tuple):
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+            value = _yaml(value, key, source) if value.strip().startswith("[") else value.split(",")
         if not isinstance(value, (list, tuple)):
             value = [value]
         return [_coerce(v, args[0] if args else str, key, source) for v in value]
     if origin is dict or annotation is dict:
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _yaml(value, key, source)
         if not isinstance(value, dict):
             raise ConfigError(f"{key} (from {source}) must be a mapping, got {value!r}")
         return value
@@ -279,7 +287,7 @@ def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
         raise ConfigError(f"{key} (from {source}) must be true or false, got {value!r}")
     if annotation in (int, float):
         try:
-            number = annotation(value) if not isinstance(value, str) else annotation(yaml.safe_load(value))
+            number = annotation(value) if not isinstance(value, str) else annotation(_yaml(value, key, source))
         except (TypeError, ValueError):
             raise ConfigError(f"{key} (from {source}) must be {annotation.__name__}, got {value!r}") from None
         if annotation is int and isinstance(value, float) and value != int(value):
@@ -319,7 +327,10 @@ def load_config(cls: type, config_file: str | Path | None = None, *override_laye
         path = Path(config_file)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys to values")
         _apply(values, data, cls, str(path))

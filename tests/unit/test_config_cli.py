@@ -2,7 +2,7 @@
 
 import pytest
 
-from baldeagle.cli import build_parser, parse_config
+from baldeagle.cli import RUNNERS, build_parser, main, parse_config
 from baldeagle.config import ConfigError, PrepareConfig, TrainConfig, load_config, write_resolved
 
 
@@ -64,3 +64,38 @@ def test_help_lists_stages(capsys):
     out = capsys.readouterr().out
     for stage in ("prepare", "view", "train", "quickstart"):
         assert stage in out
+
+
+@pytest.mark.parametrize("stage", sorted(RUNNERS))
+def test_every_stage_help_prints(stage, capsys):
+    """`baldeagle STAGE --help` formats every help string (a bare % once crashed argparse)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([stage, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: baldeagle " + stage) and "--config" in out
+
+
+def test_quickstart_help_shows_percent_signs(capsys):
+    with pytest.raises(SystemExit):
+        main(["quickstart", "--help"])
+    assert "regeneration gets 25%, training 40%" in " ".join(capsys.readouterr().out.split())
+
+
+def test_malformed_yaml_file_is_a_config_error_naming_the_file(tmp_path):
+    config = tmp_path / "broken.yaml"
+    config.write_text("max_length: [100\nlimit: 5\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml.*not valid YAML"):
+        parse_config(["prepare", "--config", str(config)])
+
+
+@pytest.mark.parametrize("argv, key, problem", [
+    (["train", "aux_layer_ids=[1"], "aux_layer_ids", "not valid YAML"),
+    (["train", "training_args={optim: "], "training_args", "not valid YAML"),
+    (["prepare", "max_length=[1"], "max_length", "must be int"),
+    (["train", "--aux-layer-ids", "[1,"], "aux_layer_ids", "not valid YAML"),
+])
+def test_malformed_yaml_override_is_a_config_error_naming_the_key(argv, key, problem, capsys):
+    with pytest.raises(ConfigError, match=rf"{key} \(from .*\).*{problem}"):
+        parse_config(argv)
+    assert main(argv) == 2 and key in capsys.readouterr().err
