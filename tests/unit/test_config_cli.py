@@ -99,3 +99,35 @@ def test_malformed_yaml_override_is_a_config_error_naming_the_key(argv, key, pro
     with pytest.raises(ConfigError, match=rf"{key} \(from .*\).*{problem}"):
         parse_config(argv)
     assert main(argv) == 2 and key in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, key, words", [
+    (["prepare", "--limit", "-1"], "limit", "at least 0, got -1"),
+    (["regenerate", "limit=-2"], "limit", "at least 0, got -2"),
+    (["regenerate", "--batch-size", "0"], "batch_size", "at least 1, got 0"),
+    (["eval", "--limit", "-3"], "limit", "at least 0, got -3"),
+    (["eval", "top_p=1.5"], "top_p", "at most 1, got 1.5"),
+    (["serve-bench", "--limit", "-3"], "limit", "at least 0"),
+    (["features", "--shard-tokens", "0"], "shard_tokens", "at least 1"),
+    (["features", "max_bytes=-5"], "max_bytes", "at least 0"),
+    (["train", "eval_fraction=1.0"], "eval_fraction", "below 1"),
+    (["train", "--learning-rate", "0"], "learning_rate", "above 0"),
+    (["view", "runs/x", "--rows", "-1"], "rows", "at least 1"),
+    (["export", "num_speculative_tokens=0"], "num_speculative_tokens", "at least 1"),
+    (["quickstart", "--minutes", "-5"], "minutes", "above 0"),
+])
+def test_numeric_options_out_of_range_name_the_key(argv, key, words, capsys):
+    with pytest.raises(ConfigError, match=rf"^{key} \(from .*\) must be {words}"):
+        parse_config(argv)
+    assert main(argv) == 2 and f"error: {key} " in capsys.readouterr().err
+
+
+def test_numeric_bounds_apply_to_yaml_files_and_allow_the_edges(tmp_path):
+    config = tmp_path / "prep.yaml"
+    config.write_text("limit: -1\n")
+    with pytest.raises(ConfigError, match=r"limit \(from .*prep\.yaml\) must be at least 0"):
+        parse_config(["prepare", "--config", str(config)])
+    _, cfg = parse_config(["train", "max_steps=-1", "eval_fraction=0", "seed=0"])
+    assert cfg.max_steps == -1 and cfg.eval_fraction == 0
+    _, cfg = parse_config(["eval", "top_p=1", "temperature=0", "limit=0"])
+    assert cfg.top_p == 1 and cfg.limit == 0

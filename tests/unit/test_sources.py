@@ -212,3 +212,15 @@ def test_unsupported_schemas_name_file_and_row(tmp_path):
 def test_canonical_role():
     assert [sources.canonical_role(r) for r in ["Human", " GPT ", "system", "tool", None]] == [
         "user", "assistant", "system", "tool", ""]
+
+
+def test_negative_limits_are_errors_not_silently_dropped_rows(tmp_path):
+    path = write_jsonl(tmp_path / "eight.jsonl", [{"data": [f"Q{k}", f"A{k}"]} for k in range(8)])
+    with pytest.raises(SourceError, match="limit must be 0 .*got -1"):
+        load_conversations(path, limit=-1)
+    with pytest.raises(SourceError, match="limit must be 0 .*got -3"):
+        load_prompts("mtbench", limit=-3)
+    with pytest.raises(SourceError, match="got -3"):
+        sources.mtbench_subset(sources.load_mtbench_questions(), -3)
+    with pytest.raises(SourceError, match="got -2"):
+        load_conversations("chitchat", limit=-2)

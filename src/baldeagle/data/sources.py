@@ -149,6 +149,7 @@ def mtbench_subset(questions: list[dict], limit: int) -> list[dict]:
     evaluation set taken this way covers writing, roleplay, reasoning, math, coding, extraction,
     STEM and humanities instead.
     """
+    check_limit(limit)
     if not limit or limit >= len(questions):
         return questions
     queues: dict[str, list[int]] = {}
@@ -203,8 +204,15 @@ def chitchat_rows() -> list[list[dict]]:
 # ------------------------------------------------------------------------------------------
 
 
+def check_limit(limit: int) -> None:
+    """A row limit is 0 (all) or positive; a negative one would silently drop rows from the end."""
+    if limit < 0:
+        raise SourceError(f"limit must be 0 (all) or positive, got {limit}")
+
+
 def _select(table: datasets.Dataset, limit: int, shuffle: bool, seed: int) -> tuple[datasets.Dataset, list[int]]:
     """Shuffle (with `seed`) then keep the first `limit` rows (0 = all); also the kept rows' numbers."""
+    check_limit(limit)
     rows = [int(k) for k in np.random.default_rng(seed).permutation(len(table))] if shuffle else list(range(len(table)))
     rows = rows[:limit] if limit else rows
     if len(rows) == len(table) and not shuffle:
