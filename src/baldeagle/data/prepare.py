@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 
 from baldeagle.config import write_resolved
 from baldeagle.data import sources, template
-from baldeagle.io import atomic_dir, atomic_write_json, provenance, read_json
+from baldeagle.io import atomic_dir, atomic_write_json, ensure_writable, provenance, read_json
 from baldeagle.targets import load_tokenizer
 
 REASONS = (
@@ -167,6 +167,7 @@ def run_prepare(cfg) -> dict:
         raise PrepareError(f"max_length must be 0 (no limit) or positive, got {cfg.max_length}")
     if Path(cfg.out).exists() and not cfg.overwrite:
         raise FileExistsError(f"{cfg.out} already exists; pass --overwrite to replace it")
+    ensure_writable(cfg.out)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     template.ensure_chat_template(tokenizer, cfg.chat_template)
     conversations = sources.load_conversations(

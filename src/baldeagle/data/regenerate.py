@@ -35,7 +35,7 @@ from pathlib import Path
 from baldeagle.config import RegenerateConfig, to_dict
 from baldeagle.data import sources, template
 from baldeagle.data.generation import Sampling, make_generator
-from baldeagle.io import atomic_write_json, provenance
+from baldeagle.io import atomic_write_json, ensure_writable, provenance
 
 MIN_PROMPT_CHARS = 10
 # A sampled batch of prompts ends when its longest row does; the last tenth of the rows often costs
@@ -241,6 +241,7 @@ def run_regenerate(cfg: RegenerateConfig) -> dict:
     from tqdm.auto import tqdm
 
     check_settings(cfg)
+    ensure_writable(cfg.out)
     out = Path(cfg.out)
     stats_path = out.with_name(out.name + ".stats.json")
     skipped: Counter = Counter()

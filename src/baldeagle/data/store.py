@@ -37,7 +37,7 @@ from baldeagle.data.store_reader import (
     FORMAT, MANIFEST, VERSION, StoreError, bytes_per_token, load_lm_head, read_shard_info, shard_name,
     store_fields, target_identity, tensor_sha256,
 )
-from baldeagle.io import atomic_write_text, provenance
+from baldeagle.io import atomic_write_text, ensure_writable, provenance
 from baldeagle.targets import default_aux_layers, load_target, load_tokenizer, num_layers, resolve_model
 
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -199,6 +199,7 @@ def run_features(cfg: FeaturesConfig) -> dict:
     for key in ("max_length", "batch_tokens", "shard_tokens"):
         if getattr(cfg, key) <= 0:
             raise ValueError(f"{key} must be positive, got {getattr(cfg, key)}")
+    ensure_writable(cfg.out)
     rank, world, local_rank, created = _distributed()
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{local_rank % torch.cuda.device_count()}" if cuda else "cpu")
