@@ -31,7 +31,7 @@ from baldeagle.targets import load_tokenizer
 
 REASONS = (
     "no_assistant_turn", "empty_content", "unknown_role", "non_string_content",
-    "consecutive_same_role", "too_long", "template_error",
+    "consecutive_same_role", "too_long", "template_error", sources.MALFORMED,
 )
 OUTPUT_FEATURES = datasets.Features(
     {
@@ -84,7 +84,10 @@ def _encoder(tokenizer, max_length: int, strict: bool):
     """The `Dataset.map` function: one row → input_ids, loss_mask, skip."""
 
     def encode(row: dict, index: int) -> dict:
-        ids, mask, reason, detail = encode_row(row["messages"], tokenizer, max_length)
+        if row.get("skip"):  # the source could not read this row (a malformed line): "reason: detail"
+            ids, mask, (reason, _, detail) = [], [], row["skip"].partition(": ")
+        else:
+            ids, mask, reason, detail = encode_row(row["messages"], tokenizer, max_length)
         if reason and strict:  # name the row as the source numbers it, when it says
             raise PrepareError(f"row {row.get('row', index)}: {reason}: {detail}")
         return {"input_ids": ids, "loss_mask": mask, "skip": reason}

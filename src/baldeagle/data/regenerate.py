@@ -116,7 +116,10 @@ def conversations_from(cfg: RegenerateConfig, skipped: Counter) -> list[Conversa
     table = sources.load_conversations(cfg.dataset, cfg.split, cfg.limit, cfg.shuffle, cfg.seed, cfg.system_prompt)
     label = source_label(cfg.dataset)
     conversations = []
-    for messages, row in zip(table["messages"], table["row"]):
+    for messages, row, skip in zip(table["messages"], table["row"], table["skip"]):
+        if skip:  # the source could not read this row (a malformed line)
+            skipped[skip.partition(": ")[0]] += 1
+            continue
         turns = [m["content"] for m in messages if m["role"] == "user" and isinstance(m["content"], str)
                  and m["content"].strip()]
         if not turns:
