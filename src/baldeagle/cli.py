@@ -34,8 +34,9 @@ _OVERRIDE = re.compile(r"^[A-Za-z_][\w-]*=")
 
 
 def _add_field(parser: argparse.ArgumentParser, field: dataclasses.Field, annotation) -> None:
-    help_text = field.metadata.get("help", "")
+    help_text = field.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help strings
     default = field.default if field.default is not dataclasses.MISSING else None
+    default = str(default).replace("%", "%%") if annotation is bool else repr(default).replace("%", "%%")
     if field.metadata.get("positional"):
         parser.add_argument(field.name, nargs="?", default=argparse.SUPPRESS, help=help_text)
         return
@@ -47,7 +48,7 @@ def _add_field(parser: argparse.ArgumentParser, field: dataclasses.Field, annota
                             default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         return
     parser.add_argument(flag, dest=field.name, default=argparse.SUPPRESS, metavar=field.name.upper(),
-                        help=f"{help_text} (default: {default!r})")
+                        help=f"{help_text} (default: {default})")
 
 
 def build_parser() -> argparse.ArgumentParser:

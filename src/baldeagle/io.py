@@ -45,6 +45,39 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return path
 
 
+class OutputError(ValueError):
+    """An output location that cannot be written; the message names the path and why."""
+
+
+def _probe(folder: Path) -> str:
+    """Why a file cannot be created in `folder` ("" if it can), tried for real: a temporary file."""
+    if not folder.is_dir():
+        return f"{folder} is not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".baldeagle-probe."):
+            return ""
+    except OSError as error:
+        return f"{folder} is not writable ({error.strerror or error})"
+
+
+def ensure_writable(path: str | Path, key: str = "out") -> None:
+    """Check, before a stage does its work, that `path` (a file or folder to create or replace)
+    can be written: its nearest existing parent folder takes a new file, and an existing file
+    opens for appending. Raises `OutputError` naming the path."""
+    path = Path(path)
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    problem = _probe(parent) or (_probe(path) if path.is_dir() else "")
+    if not problem and path.is_file():
+        try:
+            open(path, "ab").close()
+        except OSError as error:
+            problem = f"{path} is not writable ({error.strerror or error})"
+    if problem:
+        raise OutputError(f"cannot write {key} {path}: {problem}")
+
+
 def atomic_write_json(path: str | Path, data) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 

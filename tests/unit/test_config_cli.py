@@ -2,7 +2,7 @@
 
 import pytest
 
-from baldeagle.cli import build_parser, parse_config
+from baldeagle.cli import RUNNERS, build_parser, main, parse_config
 from baldeagle.config import ConfigError, PrepareConfig, TrainConfig, load_config, write_resolved
 
 
@@ -64,3 +64,70 @@ def test_help_lists_stages(capsys):
     out = capsys.readouterr().out
     for stage in ("prepare", "view", "train", "quickstart"):
         assert stage in out
+
+
+@pytest.mark.parametrize("stage", sorted(RUNNERS))
+def test_every_stage_help_prints(stage, capsys):
+    """`baldeagle STAGE --help` formats every help string (a bare % once crashed argparse)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([stage, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: baldeagle " + stage) and "--config" in out
+
+
+def test_quickstart_help_shows_percent_signs(capsys):
+    with pytest.raises(SystemExit):
+        main(["quickstart", "--help"])
+    assert "regeneration gets 25%, training 40%" in " ".join(capsys.readouterr().out.split())
+
+
+def test_malformed_yaml_file_is_a_config_error_naming_the_file(tmp_path):
+    config = tmp_path / "broken.yaml"
+    config.write_text("max_length: [100\nlimit: 5\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml.*not valid YAML"):
+        parse_config(["prepare", "--config", str(config)])
+
+
+@pytest.mark.parametrize("argv, key, problem", [
+    (["train", "aux_layer_ids=[1"], "aux_layer_ids", "not valid YAML"),
+    (["train", "training_args={optim: "], "training_args", "not valid YAML"),
+    (["prepare", "max_length=[1"], "max_length", "must be int"),
+    (["train", "--aux-layer-ids", "[1,"], "aux_layer_ids", "not valid YAML"),
+])
+def test_malformed_yaml_override_is_a_config_error_naming_the_key(argv, key, problem, capsys):
+    with pytest.raises(ConfigError, match=rf"{key} \(from .*\).*{problem}"):
+        parse_config(argv)
+    assert main(argv) == 2 and key in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, key, words", [
+    (["prepare", "--limit", "-1"], "limit", "at least 0, got -1"),
+    (["regenerate", "limit=-2"], "limit", "at least 0, got -2"),
+    (["regenerate", "--batch-size", "0"], "batch_size", "at least 1, got 0"),
+    (["eval", "--limit", "-3"], "limit", "at least 0, got -3"),
+    (["eval", "top_p=1.5"], "top_p", "at most 1, got 1.5"),
+    (["serve-bench", "--limit", "-3"], "limit", "at least 0"),
+    (["features", "--shard-tokens", "0"], "shard_tokens", "at least 1"),
+    (["features", "max_bytes=-5"], "max_bytes", "at least 0"),
+    (["train", "eval_fraction=1.0"], "eval_fraction", "below 1"),
+    (["train", "--learning-rate", "0"], "learning_rate", "above 0"),
+    (["view", "runs/x", "--rows", "-1"], "rows", "at least 1"),
+    (["export", "num_speculative_tokens=0"], "num_speculative_tokens", "at least 1"),
+    (["quickstart", "--minutes", "-5"], "minutes", "above 0"),
+])
+def test_numeric_options_out_of_range_name_the_key(argv, key, words, capsys):
+    with pytest.raises(ConfigError, match=rf"^{key} \(from .*\) must be {words}"):
+        parse_config(argv)
+    assert main(argv) == 2 and f"error: {key} " in capsys.readouterr().err
+
+
+def test_numeric_bounds_apply_to_yaml_files_and_allow_the_edges(tmp_path):
+    config = tmp_path / "prep.yaml"
+    config.write_text("limit: -1\n")
+    with pytest.raises(ConfigError, match=r"limit \(from .*prep\.yaml\) must be at least 0"):
+        parse_config(["prepare", "--config", str(config)])
+    _, cfg = parse_config(["train", "max_steps=-1", "eval_fraction=0", "seed=0"])
+    assert cfg.max_steps == -1 and cfg.eval_fraction == 0
+    _, cfg = parse_config(["eval", "top_p=1", "temperature=0", "limit=0"])
+    assert cfg.top_p == 1 and cfg.limit == 0

@@ -1,8 +1,14 @@
 """Atomic outputs and target resolution."""
 
+import os
+from pathlib import Path
+
 import pytest
 
-from baldeagle.io import atomic_dir, atomic_write_json, read_json
+from baldeagle import cli
+from baldeagle.config import FeaturesConfig, PrepareConfig, RegenerateConfig
+from baldeagle.data import prepare, regenerate, store
+from baldeagle.io import OutputError, atomic_dir, atomic_write_json, ensure_writable, read_json
 from baldeagle.targets import default_aux_layers, resolve_model
 
 
@@ -48,3 +54,51 @@ def test_resolve_model(tmp_path):
 def test_default_aux_layers():
     assert default_aux_layers(30) == [2, 15, 27]
     assert default_aux_layers(32) == [2, 16, 29]
+
+
+def test_ensure_writable_names_the_path_and_why(tmp_path):
+    ensure_writable(tmp_path / "new" / "deeper" / "out")  # missing folders are fine: they get created
+    (tmp_path / "kept").write_text("old")
+    ensure_writable(tmp_path / "kept")  # an existing file that opens for appending
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(OutputError, match=rf"cannot write out {blocker}/sub/out: {blocker} is not a folder"):
+        ensure_writable(blocker / "sub" / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "kept"]  # no probe file left, nothing created
+
+
+def test_ensure_writable_refuses_a_read_only_folder(tmp_path):
+    """The check creates a real file, so it is honest under root too (which ignores mode bits):
+    a chmod-ed folder is refused for other users, /proc (read-only even for root) for everyone."""
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    try:
+        if os.geteuid() != 0:
+            with pytest.raises(OutputError, match=r"readonly/out: .*readonly is not writable"):
+                ensure_writable(readonly / "out")
+    finally:
+        readonly.chmod(0o755)
+    if Path("/proc/self").is_dir():
+        with pytest.raises(OutputError, match=r"cannot write out /proc/baldeagle-out: /proc is not writable"):
+            ensure_writable("/proc/baldeagle-out")
+
+
+def _never(*args, **kwargs):
+    raise AssertionError("the stage started its work before checking its output")
+
+
+@pytest.mark.parametrize("stage, make, patch", [
+    ("prepare", lambda out: PrepareConfig(dataset="x.jsonl", out=out), (prepare, "load_tokenizer")),
+    ("regenerate", lambda out: RegenerateConfig(dataset="x.jsonl", out=out), (regenerate, "conversations_from")),
+    ("features", lambda out: FeaturesConfig(data="prepared", out=out), (store, "load_prepared")),
+])
+def test_stages_check_their_output_before_the_work(stage, make, patch, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(*patch, _never)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    out = str(blocker / "out")
+    with pytest.raises(OutputError, match=rf"cannot write out {out}: {blocker} is not a folder"):
+        cli.run_stage(stage, make(out))
+    assert cli.main([stage, "--out", out]) == 2
+    assert f"cannot write out {out}" in capsys.readouterr().err

@@ -60,7 +60,7 @@ def test_bad_rows_are_skipped_and_counted(tmp_path, model, capsys):
     stats = run_prepare(config(tmp_path, model))
     assert stats["skipped"] == {
         "no_assistant_turn": 1, "empty_content": 1, "unknown_role": 1, "non_string_content": 1,
-        "consecutive_same_role": 1, "too_long": 1, "template_error": 1,
+        "consecutive_same_role": 1, "too_long": 1, "template_error": 1, "malformed_line": 0,
     }
     assert stats["rows_in"] == 9 and stats["rows_kept"] == 2
     dataset, saved = load_prepared(tmp_path / "out")
@@ -85,6 +85,20 @@ def test_strict_names_the_row_and_leaves_nothing(tmp_path, model):
         run_prepare(config(tmp_path, model, rows=rows, strict=True, shuffle=True, seed=4))
     assert not (tmp_path / "out").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "rows.jsonl"]
+
+
+def test_malformed_lines_are_skipped_and_counted_and_strict_names_file_and_line(tmp_path, model, capsys):
+    path = tmp_path / "rows.jsonl"
+    lines = [json.dumps({"messages": GOOD}), '{"messages": [{"role": "user", "content": "cut sh', "",
+             json.dumps({"messages": [user("One"), assistant("Two")]}), '"just a string"', "[1, 2"]
+    path.write_text("\n".join(lines) + "\n")
+    cfg = PrepareConfig(model=model, dataset=str(path), out=str(tmp_path / "out"), max_length=256)
+    stats = run_prepare(cfg)
+    assert stats["rows_in"] == 5 and stats["rows_kept"] == 2 and stats["skipped"]["malformed_line"] == 3
+    assert "skipped: malformed_line 3" in capsys.readouterr().out
+    cfg.strict, cfg.overwrite = True, True
+    with pytest.raises(PrepareError, match=rf"row 1: malformed_line: {path}:2: not valid JSON"):
+        run_prepare(cfg)
 
 
 def test_failure_while_saving_leaves_no_loadable_folder(tmp_path, model, monkeypatch):

@@ -2,6 +2,7 @@
 resume after a kill neither duplicates nor loses rows; bad rows are counted; self-written prompts."""
 
 import json
+from collections import Counter
 
 import pytest
 from tiny_chat import char_tokenizer
@@ -10,7 +11,7 @@ from tiny_targets import tiny_target
 from baldeagle.config import PrepareConfig, RegenerateConfig
 from baldeagle.data.prepare import load_prepared, run_prepare
 from baldeagle.data.generation import HFGenerator, Sampling
-from baldeagle.data.regenerate import open_user_turn, read_done, run_regenerate
+from baldeagle.data.regenerate import conversations_from, open_user_turn, read_done, run_regenerate
 
 CONVERSATIONS = [
     {"messages": [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "old answer"},
@@ -165,3 +166,11 @@ def test_a_sampled_batch_can_stop_once_most_rows_are_finished(saved):
             assert short == whole
         else:
             assert len(short.tokens) == ends[3] and whole.tokens[:ends[3]] == short.tokens
+
+
+def test_malformed_lines_are_counted_as_skipped(tmp_path):
+    data = tmp_path / "chats.jsonl"
+    data.write_text(json.dumps(CONVERSATIONS[0]) + "\n{broken\n" + json.dumps(CONVERSATIONS[0]) + "\n")
+    skipped = Counter()
+    conversations = conversations_from(RegenerateConfig(dataset=str(data), out=str(tmp_path / "o.jsonl")), skipped)
+    assert len(conversations) == 2 and skipped == Counter({"malformed_line": 1})

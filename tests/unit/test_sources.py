@@ -41,8 +41,8 @@ def test_sharegpt_json_file(tmp_path):
     path = tmp_path / "sharegpt.json"
     path.write_text(json.dumps(SHAREGPT))  # one JSON array, as ShareGPT ships
     table = load_conversations(str(path))
-    assert table.column_names == ["messages", "row"]
-    assert table["messages"] == SHAREGPT_EXPECTED and table["row"] == [0, 1]
+    assert table.column_names == ["messages", "row", "skip"]
+    assert table["messages"] == SHAREGPT_EXPECTED and table["row"] == [0, 1] and table["skip"] == ["", ""]
 
 
 def test_messages_jsonl_with_non_string_content(tmp_path):
@@ -212,3 +212,45 @@ def test_unsupported_schemas_name_file_and_row(tmp_path):
 def test_canonical_role():
     assert [sources.canonical_role(r) for r in ["Human", " GPT ", "system", "tool", None]] == [
         "user", "assistant", "system", "tool", ""]
+
+
+def test_negative_limits_are_errors_not_silently_dropped_rows(tmp_path):
+    path = write_jsonl(tmp_path / "eight.jsonl", [{"data": [f"Q{k}", f"A{k}"]} for k in range(8)])
+    with pytest.raises(SourceError, match="limit must be 0 .*got -1"):
+        load_conversations(path, limit=-1)
+    with pytest.raises(SourceError, match="limit must be 0 .*got -3"):
+        load_prompts("mtbench", limit=-3)
+    with pytest.raises(SourceError, match="got -3"):
+        sources.mtbench_subset(sources.load_mtbench_questions(), -3)
+    with pytest.raises(SourceError, match="got -2"):
+        load_conversations("chitchat", limit=-2)
+
+
+def test_malformed_jsonl_lines_become_skipped_rows_naming_file_and_line(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]}
+    path.write_text("\n".join([json.dumps(good), "{not json", "", json.dumps(parts), "42",
+                               '{"messages": [{"role": "user", "cont']) + "\n")
+    table = load_conversations(str(path))
+    assert table["row"] == [0, 1, 2, 3, 4]  # blank lines do not count as rows
+    assert table["messages"] == [good["messages"], [], [{"role": "user", "content": None}], [], []]
+    skips = table["skip"]
+    assert skips[0] == skips[2] == ""
+    assert skips[1].startswith(f"malformed_line: {path}:2: not valid JSON")
+    assert skips[3] == f"malformed_line: {path}:5: a JSON int, not an object"
+    assert skips[4].startswith(f"malformed_line: {path}:6: not valid JSON")
+    assert load_conversations(str(path), limit=2)["skip"][1].startswith("malformed_line")
+    turns = tmp_path / "turns.jsonl"
+    turns.write_text('{"turns": ["a", "b"]}\n{"turns": ["c"\n{"turns": ["d"]}\n')
+    assert load_prompts(str(turns)) == [["a", "b"], ["d"]]
+
+
+def test_empty_and_unreadable_files_are_errors_naming_the_file(tmp_path):
+    for name, text in [("empty.jsonl", ""), ("blank.jsonl", "\n  \n"), ("empty.json", ""), ("empty.parquet", "")]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(SourceError, match=rf"{name} is empty"):
+            load_conversations(str(tmp_path / name))
+    (tmp_path / "garbage.jsonl").write_text("nope\n{also not\n")
+    with pytest.raises(SourceError, match=r"garbage\.jsonl: no line is a JSON object \(first: .*garbage\.jsonl:1: "):
+        load_conversations(str(tmp_path / "garbage.jsonl"))

@@ -1,7 +1,9 @@
 """The offline feature store: plan, atomic resumable writes, checked reads, and parity with online."""
 
+import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -206,6 +208,48 @@ def test_damaged_stores_are_errors_naming_the_file(reference, tmp_path):
     # The writer refuses a damaged shard too instead of trusting it on resume.
     with pytest.raises(StoreError, match=shard_name(1)):
         store._check_existing(cases["truncated"], *_plan_of(FeatureStore(ref)))
+
+
+def _rewrite_manifest(folder: Path, change) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        change(entry)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_shard_overwritten_in_place_fails_its_checksum(reference, tmp_path):
+    ref, _ = reference
+    fs = FeatureStore(ref)
+    entry = fs.manifest["shards"][1]
+    assert entry["sha256"] == hashlib.sha256((ref / entry["file"]).read_bytes()).hexdigest()
+    damaged = tmp_path / "damaged"
+    shutil.copytree(ref, damaged)
+    shard = damaged / shard_name(1)
+    data = bytearray(shard.read_bytes())
+    data[-64:] = b"\xff" * 64  # same size, the header intact: bf16 NaNs where features were
+    shard.write_bytes(bytes(data))
+    fs = FeatureStore(damaged)  # opens: sizes, header and shapes all look right
+    other = fs.manifest["shards"][0]["rows"][0]
+    assert torch.equal(fs.read(other, "input_ids"), FeatureStore(ref).read(other, "input_ids"))
+    with pytest.raises(StoreError, match=rf"shard {shard} does not match the sha256 in .*manifest\.json"):
+        fs.row(entry["rows"][0])
+    # A manifest from before checksums (no sha256) is still read, unverified.
+    old = tmp_path / "old"
+    shutil.copytree(ref, old)
+    _rewrite_manifest(old, lambda e: e.pop("sha256"))
+    row = entry["rows"][0]
+    assert torch.equal(FeatureStore(old).read(row, "last_hidden"), FeatureStore(ref).read(row, "last_hidden"))
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../reference/shard-00000.safetensors", "..", "sub/shard.safetensors"])
+def test_manifest_shard_names_must_stay_inside_the_store(reference, tmp_path, name):
+    ref, _ = reference
+    folder = tmp_path / "store"
+    shutil.copytree(ref, folder)
+    _rewrite_manifest(folder, lambda e: e.update(file=name) if e["index"] == 0 else None)
+    with pytest.raises(StoreError, match=rf"{folder / 'manifest.json'}: shard file name '{re.escape(name)}' "
+                                         "is not a plain file name"):
+        FeatureStore(folder)
 
 
 def _plan_of(fs):

@@ -71,3 +71,12 @@ def test_run_view_terminal_and_html(tmp_path, capsys):
     assert len(re.findall(r'class="t[01]"', html)) == 2 * trained + 1  # trained spans + the legend's sample
     assert cli.main(["view", str(tmp_path / "prepared"), "--start", "9"]) == 2
     assert "outside the dataset's 4 rows" in capsys.readouterr().err
+
+
+def test_terminal_row_escapes_control_characters_from_the_data():
+    hostile = "\x1b]0;pwned\x07\x1b[2J\rover\x9b31m\u202eevil\tok"
+    text = terminal_row(0, [Segment(0, 1, hostile, True), Segment(1, 2, "é\n", False)])
+    assert "\\x1b]0;pwned\\x07\\x1b[2J\\rover\\x9b31m\\u202eevil\tok" in text
+    assert f"é{NEWLINE}" in text  # printable text and newlines are unchanged
+    ours = re.compile(r"\x1b\[[0-9;]*m")  # the styles terminal_row adds itself
+    assert not [ch for ch in ours.sub("", text) if ch not in "\n\t" and (ord(ch) < 32 or 127 <= ord(ch) < 160)]

@@ -26,12 +26,12 @@ import pyarrow.compute as pc
 
 from baldeagle.config import write_resolved
 from baldeagle.data import sources, template
-from baldeagle.io import atomic_dir, atomic_write_json, provenance, read_json
+from baldeagle.io import atomic_dir, atomic_write_json, ensure_writable, provenance, read_json
 from baldeagle.targets import load_tokenizer
 
 REASONS = (
     "no_assistant_turn", "empty_content", "unknown_role", "non_string_content",
-    "consecutive_same_role", "too_long", "template_error",
+    "consecutive_same_role", "too_long", "template_error", sources.MALFORMED,
 )
 OUTPUT_FEATURES = datasets.Features(
     {
@@ -84,7 +84,10 @@ def _encoder(tokenizer, max_length: int, strict: bool):
     """The `Dataset.map` function: one row → input_ids, loss_mask, skip."""
 
     def encode(row: dict, index: int) -> dict:
-        ids, mask, reason, detail = encode_row(row["messages"], tokenizer, max_length)
+        if row.get("skip"):  # the source could not read this row (a malformed line): "reason: detail"
+            ids, mask, (reason, _, detail) = [], [], row["skip"].partition(": ")
+        else:
+            ids, mask, reason, detail = encode_row(row["messages"], tokenizer, max_length)
         if reason and strict:  # name the row as the source numbers it, when it says
             raise PrepareError(f"row {row.get('row', index)}: {reason}: {detail}")
         return {"input_ids": ids, "loss_mask": mask, "skip": reason}
@@ -167,6 +170,7 @@ def run_prepare(cfg) -> dict:
         raise PrepareError(f"max_length must be 0 (no limit) or positive, got {cfg.max_length}")
     if Path(cfg.out).exists() and not cfg.overwrite:
         raise FileExistsError(f"{cfg.out} already exists; pass --overwrite to replace it")
+    ensure_writable(cfg.out)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     template.ensure_chat_template(tokenizer, cfg.chat_template)
     conversations = sources.load_conversations(

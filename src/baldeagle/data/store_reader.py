@@ -8,6 +8,10 @@ per field, one tensor concatenated over its rows (token-major), so a row is a sl
     last_hidden  bf16 [N, H]   hidden_states[-1], after the final norm (the LM head's input)
     input_ids    int32 [N]     the token ids, to catch a store read with other prepared data
 
+The manifest lists each shard's file name (a plain name inside the store folder: absolute or
+`..` names are refused) and its `sha256`, verified the first time a row of that shard is read
+(manifests written before checksums existed lack it and stay readable, unverified).
+
 Logits are never stored: `OfflineFeatures` recomputes them as `last_hidden @ lm_head.T`, from the
 target's LM head weight (`load_lm_head` reads only that tensor from the target's safetensors).
 """
@@ -54,6 +58,14 @@ def store_fields(draft_type: str, hidden_size: int, num_aux: int) -> dict[str, d
 
 def bytes_per_token(fields: dict[str, dict]) -> int:
     return sum(DTYPES[f["dtype"]][2] * max(f["width"], 1) for f in fields.values())
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_shard_info(path: Path) -> dict:
@@ -151,6 +163,7 @@ class FeatureStore:
             raise StoreError(f"{manifest_path}: fields {self.fields} do not match draft type {self.draft_type}")
         self.feature_size = expected.get("features", expected["last_hidden"])["width"]
         self._handles: dict[int, object] = {}
+        self._verified: set[int] = set()  # shards whose sha256 matched the manifest
         self._where: dict[int, tuple[int, int, int]] = {}  # row → (shard, start, length)
         for shard, entry in enumerate(m["shards"]):
             self._check_shard(shard, entry)
@@ -160,8 +173,25 @@ class FeatureStore:
                     raise StoreError(f"{manifest_path}: row {row} is stored twice")
                 self._where[row] = (shard, offsets[k], offsets[k + 1] - offsets[k])
 
+    def _shard_file(self, entry: dict) -> Path:
+        """The shard's path; its manifest name must be a plain file name inside the store folder."""
+        name = entry.get("file")
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+            raise StoreError(f"{self.path / MANIFEST}: shard file name {name!r} is not a plain file name "
+                             "in the store folder (absolute and '..' paths are refused)")
+        return self.path / name
+
+    def _verify(self, shard: int) -> None:
+        """Compare the shard's bytes with the manifest's sha256 (absent in older manifests)."""
+        entry = self.manifest["shards"][shard]
+        file = self._shard_file(entry)
+        if entry.get("sha256") and file_sha256(file) != entry["sha256"]:
+            raise StoreError(f"feature store shard {file} does not match the sha256 in {self.path / MANIFEST}: "
+                             "corrupted; delete it and rerun `baldeagle features` to rewrite it")
+        self._verified.add(shard)
+
     def _check_shard(self, shard: int, entry: dict) -> None:
-        file = self.path / entry["file"]
+        file = self._shard_file(entry)
         if not file.is_file():
             raise StoreError(f"feature store shard {file} is missing (listed in {self.path / MANIFEST})")
         size = file.stat().st_size
@@ -196,7 +226,7 @@ class FeatureStore:
 
     def _handle(self, shard: int):
         if shard not in self._handles:
-            self._handles[shard] = safe_open(str(self.path / self.manifest["shards"][shard]["file"]), framework="pt")
+            self._handles[shard] = safe_open(str(self._shard_file(self.manifest["shards"][shard])), framework="pt")
         return self._handles[shard]
 
     # ---- rows -----------------------------------------------------------------------------
@@ -230,6 +260,8 @@ class FeatureStore:
     def read(self, row: int, field: str, length: int | None = None) -> torch.Tensor:
         """One field of one row, its first `length` tokens (default: all), as stored."""
         shard, start, n = self._locate(row)
+        if shard not in self._verified:
+            self._verify(shard)
         if field == "features" and self.draft_type == "eagle1":
             field = "last_hidden"
         if length is not None:

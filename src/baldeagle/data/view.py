@@ -3,14 +3,17 @@
 Both outputs are drawn from the same pure data: `row_segments` turns one row into a list of
 `Segment`s (token index, id, text, trained). The terminal shows trained tokens on a green
 background and untrained tokens dimmed, alternating two shades so token boundaries are visible;
-a newline shows as ⏎ followed by a real line break. `--html FILE` writes the same segments as a
-self-contained page (inline CSS, a legend, per-row counts, a tooltip with each token's index/id).
+a newline shows as ⏎ followed by a real line break, and other control characters from the data
+(escape sequences, carriage returns, bidi overrides) as visible escapes such as `\\x1b`.
+`--html FILE` writes the same segments as a self-contained page (inline CSS, a legend, per-row
+counts, a tooltip with each token's index/id).
 """
 
 from __future__ import annotations
 
 import html
 import sys
+import unicodedata
 from dataclasses import dataclass
 
 from baldeagle.data.prepare import load_prepared
@@ -25,6 +28,7 @@ ANSI = {
     (False, 0): "\x1b[2;37m", (False, 1): "\x1b[2;36m",
 }
 RESET = "\x1b[0m"
+BIDI_CONTROLS = frozenset(map(chr, [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]))
 CSS = """
 body { font-family: ui-monospace, Menlo, Consolas, monospace; margin: 2em; background: #fff; color: #222; }
 .row { border: 1px solid #ccc; border-radius: 6px; padding: 0.8em; margin: 1em 0; }
@@ -77,13 +81,23 @@ def row_title(row: int, segments: list[Segment]) -> str:
     return f"row {row}: {len(segments)} tokens, {trained} trained"
 
 
+def visible(text: str) -> str:
+    r"""`text` safe to print: control characters other than newline and tab, and bidi overrides,
+    become visible escapes (`\x1b`, `\r`, `\u202e`) instead of acting on the terminal."""
+    return "".join(
+        ch.encode("unicode_escape").decode("ascii")
+        if ch not in "\n\t" and (unicodedata.category(ch) == "Cc" or ch in BIDI_CONTROLS) else ch
+        for ch in text
+    )
+
+
 def terminal_row(row: int, segments: list[Segment], max_tokens: int = 0) -> str:
     """One row for a terminal: header line, then the coloured tokens."""
     shown = segments[:max_tokens] if max_tokens else segments
     parts = []
     for s in shown:
         style = ANSI[(s.trained, s.index % 2)]
-        lines = s.text.split("\n")
+        lines = visible(s.text).split("\n")
         marked = [line + NEWLINE for line in lines[:-1]] + [lines[-1]]
         parts.append("\n".join(f"{style}{piece}{RESET}" if piece else "" for piece in marked))
     more = f"\n… {len(segments) - len(shown)} more tokens" if len(shown) < len(segments) else ""

@@ -21,8 +21,6 @@ def check_settings(cfg: ScoreConfig) -> None:
         raise ValueError(f"num_draft_tokens must be in 1..{MAX_CHAIN}, got {cfg.num_draft_tokens}")
     if cfg.max_new_tokens < 2:
         raise ValueError(f"max_new_tokens must be at least 2, got {cfg.max_new_tokens}")
-    if cfg.limit < 0 or cfg.batch_size < 1:
-        raise ValueError(f"limit must be >= 0 and batch_size >= 1, got {cfg.limit} and {cfg.batch_size}")
     if cfg.target_dtype not in DTYPES:
         raise ValueError(f"target_dtype must be one of {sorted(DTYPES)}, got {cfg.target_dtype!r}")
 
