@@ -9,6 +9,7 @@ fast; an interrupted run resumes). This file doubles as the tutorial: read it to
     out/train/                   training checkpoints; out/draft/ is the trained EAGLE-3 draft
     out/eval/eval.json           MT-bench (held out), tree mode, plus acceptance.png
     out/eval/chain/eval.json     the same in chain mode
+    out/score/score.json         the yardstick: chain τ on all MT-bench first turns, teacher-forced
     out/export/{vllm,sglang,speculators}/   what each engine loads, with its serving command
     out/summary.json, out/summary.md
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 from baldeagle.config import (
     EvalConfig,
     ExportConfig,
+    ScoreConfig,
     PrepareConfig,
     QuickstartConfig,
     RegenerateConfig,
@@ -80,6 +82,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     from baldeagle.data.regenerate import run_regenerate
     from baldeagle.data.view import run_view
     from baldeagle.decode.bench import run_eval
+    from baldeagle.decode.score import run_score
     from baldeagle.export import run_export
     from baldeagle.train.run import run_train
 
@@ -111,9 +114,15 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     for mode, out in evals.items():
         eval_cfg = EvalConfig(model=cfg.model, draft=str(draft), out=str(out), mode=mode, num_draft_tokens=K,
                               limit=cfg.eval_prompts, first_turn_only=True, max_new_tokens=cfg.eval_new_tokens,
-                              prompt_lookup=mode == "tree", **TREE)
+                              prompt_lookup=mode == "tree", timing_repeats=1, **TREE)
         _stage(f"eval ({mode})", out / "eval.json", timings, lambda eval_cfg=eval_cfg: run_eval(eval_cfg))
-    # 6. Export for the serving engines; each folder's README.md holds the exact serving command.
+    # 6. The yardstick: chain acceptance on every MT-bench first turn, teacher-forced on the target's
+    #    cached greedy answers (made once, reused by every later run), in seconds per draft.
+    score_out = root / "score"
+    _stage("score", score_out / "score.json", timings, lambda: run_score(ScoreConfig(
+        model=cfg.model, draft=str(draft), out=str(score_out), limit=cfg.score_prompts,
+        max_new_tokens=cfg.score_new_tokens, num_draft_tokens=K)))
+    # 7. Export for the serving engines; each folder's README.md holds the exact serving command.
     for fmt in ("vllm", "sglang", "speculators"):
         export_cfg = ExportConfig(draft=str(draft), format=fmt, out=str(root / "export" / fmt),
                                   num_speculative_tokens=K)
@@ -121,11 +130,14 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
                lambda export_cfg=export_cfg: run_export(export_cfg))
 
     results = {mode: json.loads((out / "eval.json").read_text()) for mode, out in evals.items()}
-    report = summary(results, timings, root)
+    score = json.loads((score_out / "score.json").read_text())
+    report = summary(results, score, timings, root)
     print(report, flush=True)
     (root / "summary.md").write_text(report + "\n")
     data_stats = json.loads(regenerated.with_name(regenerated.name + ".stats.json").read_text())
     result = {"eval": {m: {k: r[k] for k in SUMMARY_KEYS} for m, r in results.items()}, "seconds": timings,
+              "score": {k: score[k] for k in ("acceptance_length", "per_position_acceptance", "per_category",
+                                              "num_prompts", "num_draft_tokens")},
               "regenerated": {k: data_stats[k] for k in ("rows_total", "self_prompts", "generated_tokens")},
               "train": {**_train_metrics(draft), "target_dtype": train_cfg.target_dtype}}
     (root / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -153,7 +165,7 @@ SUMMARY_KEYS = ("acceptance_length", "per_position_acceptance", "tokens_per_seco
                 "speedup", "outputs_match_baseline", "num_prompts", "new_tokens")
 
 
-def summary(results: dict, timings: dict, root: Path) -> str:
+def summary(results: dict, score: dict, timings: dict, root: Path) -> str:
     lines = ["", "quickstart summary: MT-bench first turns (held out), greedy; speculative output vs plain decoding",
              "| mode | acceptance length | tokens/s | plain tokens/s | speedup | outputs identical |",
              "|---|---|---|---|---|---|"]
@@ -163,9 +175,13 @@ def summary(results: dict, timings: dict, root: Path) -> str:
     lookup = results.get("tree", {}).get("prompt_lookup_tokens_per_second")
     if lookup:
         lines.append(f"prompt lookup decoding (no draft): {lookup:.1f} tokens/s")
+    categories = ", ".join(f"{name} {row['acceptance_length']:.2f}" for name, row in score["per_category"].items())
+    lines.append(f"yardstick, {score['num_prompts']} MT-bench first turns, chain k={score['num_draft_tokens']} "
+                 f"(teacher-forced, baldeagle score): τ {score['acceptance_length']:.3f} ({categories})")
     lines.append("time per stage: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
                  + f" (total {sum(timings.values()) / 60:.1f} min)")
     lines.append(f"written: {root}/data/regenerated.jsonl, {root}/prepared, {root}/mask.html, {root}/draft, "
-                 f"{root}/eval/eval.json (+ acceptance.png, chain/), {root}/export/{{vllm,sglang,speculators}}")
+                 f"{root}/eval/eval.json (+ acceptance.png, chain/), {root}/score/score.json, "
+                 f"{root}/export/{{vllm,sglang,speculators}}")
     lines.append(f"serve it: see {root}/export/vllm/README.md and {root}/export/sglang/README.md")
     return "\n".join(lines)

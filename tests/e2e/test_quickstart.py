@@ -6,9 +6,10 @@ import json
 import pytest
 import torch
 
-from baldeagle.config import EvalConfig, QuickstartConfig
+from baldeagle.config import EvalConfig, QuickstartConfig, ScoreConfig
 from baldeagle.data.regenerate import read_done
 from baldeagle.decode.bench import run_eval
+from baldeagle.decode.score import run_score
 from baldeagle.export_check import check_export
 from baldeagle.model.checkpoint import load_draft, save_draft
 from baldeagle.model.eagle3 import Eagle3Draft
@@ -17,7 +18,8 @@ from baldeagle.targets import load_target
 
 pytestmark = pytest.mark.e2e
 
-REDUCED = dict(minutes=2.5, conversations=16, self_prompts=6, max_new_tokens=64, eval_prompts=3, eval_new_tokens=32)
+REDUCED = dict(minutes=2.5, conversations=16, self_prompts=6, max_new_tokens=64, eval_prompts=3, eval_new_tokens=32,
+               score_prompts=8, score_new_tokens=32)
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +45,10 @@ def test_every_stage_wrote_its_output(quickstart):
     for fmt in ("vllm", "sglang", "speculators"):
         assert check_export(root / "export" / fmt, load_target("smollm2").config) == []
         assert "serve" in (root / "export" / fmt / "README.md").read_text()
+    score = json.loads((root / "score" / "score.json").read_text())
+    assert score["num_prompts"] == REDUCED["score_prompts"] and len(score["per_category"]) == 8
+    assert result["score"]["acceptance_length"] == score["acceptance_length"] >= 1.0
+    assert "yardstick" in (root / "summary.md").read_text()
     assert (root / "summary.md").read_text().count("|") > 10
     assert set(result["eval"]) == {"tree", "chain"}
 
@@ -62,6 +68,10 @@ def test_trained_draft_beats_an_untrained_one(quickstart, tmp_path):
     print(f"acceptance length, chain k=3: trained {chain['acceptance_length']:.3f}, "
           f"untrained {baseline['acceptance_length']:.3f}")
     assert chain["acceptance_length"] > baseline["acceptance_length"]
+    # the yardstick ranks them the same way, on its own cached answers
+    fresh_score = run_score(ScoreConfig(draft=str(tmp_path / "fresh"), out=str(tmp_path / "score"),
+                                        limit=REDUCED["score_prompts"], max_new_tokens=REDUCED["score_new_tokens"]))
+    assert result["score"]["acceptance_length"] > fresh_score["acceptance_length"]
     assert result["eval"]["tree"]["acceptance_length"] > 1.0
 
 

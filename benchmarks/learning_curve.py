@@ -1,0 +1,143 @@
+"""Learning curve: the yardstick (MT-bench chain τ, teacher-forced) against training minutes and
+target tokens read, for BaldEagle and (with --peer) speculators 0.9.0 on the same data and budgets.
+
+Ours: one `baldeagle train` run with the quickstart's settings for the largest budget, scored by
+the yardstick every --eval-every steps (`eval_prompts`); each budget reads the last evaluation at
+or before it on the training clock (`train_minutes`, evaluations excluded). The peer has no
+yardstick inside its loop: it trains once per budget (benchmarks/peer_speculators_draft.py in
+.venv-speculators, same rows, draft vocabulary, TTT steps, lr, batch and length), is converted
+with `load_exported` and scored by `baldeagle score` on the same cached answers.
+
+    .venv/bin/python benchmarks/learning_curve.py --data runs/quickstart/prepared --marks 6,12,24,48
+    .venv/bin/python benchmarks/learning_curve.py --data runs/quickstart/prepared --marks 6,12 --peer
+Writes OUT/curve.json, OUT/curve.md and OUT/curve.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from baldeagle.config import ScoreConfig, TrainConfig, load_config
+from baldeagle.decode.score import run_score
+from baldeagle.quickstart import QUICKSTART_TRAIN, training_target_dtype
+from baldeagle.train.run import run_train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def train_ours(args, out: Path) -> list[dict]:
+    """One run to the largest mark; → its evaluations [{minutes, step, tokens, tau, categories}]."""
+    cfg = load_config(TrainConfig, QUICKSTART_TRAIN, ("curve", {
+        "model": args.model, "data": args.data, "out": str(out), "overwrite": True,
+        "max_minutes": max(args.marks), "num_train_epochs": 1000, "lr_scheduler_type": "constant_with_warmup",
+        "warmup_steps": 20, "target_dtype": args.target_dtype or training_target_dtype(), "eval_fraction": 0.0,
+        "eval_steps": args.eval_every, "save_steps": 100000, "eval_prompts": args.prompts,
+        "eval_prompts_limit": args.limit, "eval_prompts_new_tokens": args.new_tokens, "eval_chain_k": args.k}))
+    if not (out / "final" / "metrics.json").is_file():
+        run_train(cfg)
+    history = json.loads((out / "final" / "metrics.json").read_text())["log_history"]
+    points, clock = [], {"train_minutes": 0.0, "target_tokens": 0}
+    for row in history:
+        clock.update({k: row[k] for k in ("train_minutes", "target_tokens") if k in row})
+        if "eval_prompts_tau" in row:
+            points.append({"minutes": clock["train_minutes"], "step": row.get("step", 0),
+                           "tokens": clock["target_tokens"], "tau": row["eval_prompts_tau"],
+                           "categories": {k.removeprefix("eval_prompts_tau_"): v for k, v in row.items()
+                                          if k.startswith("eval_prompts_tau_") and k != "eval_prompts_tau_every_position"}})
+    return points
+
+
+def at_marks(points: list[dict], marks: list[float]) -> list[dict]:
+    """The last evaluation at or before each mark (the final one for the largest)."""
+    rows = []
+    for mark in marks:
+        seen = [p for p in points if p["minutes"] <= mark + 1e-9] or points[:1]
+        rows.append({"mark": mark, **(points[-1] if mark == max(marks) else seen[-1])})
+    return rows
+
+
+def train_peer(args, mark: float, our_draft: Path, out: Path) -> Path:
+    """The peer trained `mark` minutes, converted to a BaldEagle draft folder."""
+    from baldeagle.export import load_exported
+    from baldeagle.model.checkpoint import save_draft
+    from baldeagle.targets import resolve_model
+
+    folder = out / f"peer-{mark:g}min"
+    if not (folder / "speculators" / "config.json").is_file():
+        command = [args.peer_python, str(REPO / "benchmarks" / "peer_speculators_draft.py"), "--data", args.data,
+                   "--out", str(folder), "--target", resolve_model(args.model), "--d2t",
+                   str(our_draft / "model.safetensors"), "--minutes", str(mark), "--epochs", "1000",
+                   "--ttt-steps", "3", "--draft-vocab", "8192", "--lr", "1e-3", "--batch-size", "4",
+                   "--max-length", "512", "--target-dtype", args.target_dtype or training_target_dtype(),
+                   "--val-rows", "0"]
+        with open(out / f"peer-{mark:g}min.log", "w") as log:
+            if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode:
+                sys.exit(f"peer training failed: see {out / f'peer-{mark:g}min.log'}")
+    draft = load_exported(folder / "speculators", target=resolve_model(args.model))
+    return save_draft(draft, folder / "baldeagle")
+
+
+def score(args, draft: Path, out: Path) -> dict:
+    result = run_score(ScoreConfig(model=args.model, draft=str(draft), out=str(out), prompts=args.prompts,
+                                   limit=args.limit, max_new_tokens=args.new_tokens, num_draft_tokens=args.k))
+    return {"tau": result["acceptance_length"],
+            "categories": {k: v["acceptance_length"] for k, v in result["per_category"].items()}}
+
+
+def plot(ours: list[dict], peer: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([p["minutes"] for p in ours], [p["tau"] for p in ours], "o-", label="BaldEagle (every evaluation)")
+    if peer:
+        ax.plot([p["mark"] for p in peer], [p["tau"] for p in peer], "s--", label="speculators 0.9.0")
+    ax.set(xlabel="training minutes (this machine)", ylabel="MT-bench chain τ (yardstick)", title="learning curve")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="`baldeagle prepare` folder")
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--marks", default="6,12,24,48", help="training budgets in minutes")
+    parser.add_argument("--eval-every", type=int, default=50, help="steps between yardstick evaluations")
+    parser.add_argument("--prompts", default="mtbench")
+    parser.add_argument("--limit", type=int, default=0)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("-k", type=int, default=3)
+    parser.add_argument("--target-dtype", default="", help="the frozen target's dtype in training (default: the quickstart's)")
+    parser.add_argument("--peer", action="store_true", help="also train and score speculators at every mark")
+    parser.add_argument("--peer-python", default=str(REPO / ".venv-speculators" / "bin" / "python"))
+    parser.add_argument("--out", default="runs/learning_curve")
+    args = parser.parse_args()
+    args.marks = sorted(float(m) for m in args.marks.split(","))
+    out = Path(args.out)
+    points = train_ours(args, out / "ours")
+    ours = at_marks(points, args.marks)
+    peer = [{"mark": m, **score(args, train_peer(args, m, out / "ours" / "final", out), out / f"peer-{m:g}min" / "score")}
+            for m in args.marks] if args.peer else []
+    (out / "curve.json").write_text(json.dumps({"ours": points, "ours_at_marks": ours, "peer": peer}, indent=2) + "\n")
+    plot(points, peer, out / "curve.png")
+    lines = ["| minutes | our steps | target tokens | our τ | peer τ | our τ by category |", "|---|---|---|---|---|---|"]
+    for i, row in enumerate(ours):
+        peer_tau = f"{peer[i]['tau']:.3f}" if peer else "-"
+        cats = ", ".join(f"{k} {v:.2f}" for k, v in row["categories"].items())
+        lines.append(f"| {row['mark']:g} ({row['minutes']:.1f}) | {row['step']} | {row['tokens']} | {row['tau']:.3f} | "
+                     f"{peer_tau} | {cats} |")
+    (out / "curve.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
