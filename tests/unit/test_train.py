@@ -132,3 +132,41 @@ def test_offline_store_must_cover_max_length(workspace):
                                 draft_type="eagle3", max_length=32))
     with pytest.raises(ValueError, match="exceeds the store's max_length"):
         run_train(config(workspace, "offline-short", mode="offline", features=str(store)))
+
+
+def final_weights(out_dir) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out_dir / "final" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("draft_type", ["eagle3", "eagle1"])
+def test_every_trained_token_weighs_the_same_across_accumulation(workspace, draft_type):
+    """Batch 1 × accumulation 8 equals batch 8 × accumulation 1 on rows with different trained-token
+    counts: the same logged loss and the same weights after one (SGD) optimizer step."""
+    common = dict(draft_type=draft_type, max_steps=1, eval_fraction=0.0, feature_noise=0.0, max_grad_norm=0.0,
+                  learning_rate=0.5, training_args={"train_sampling_strategy": "sequential", "optim": "sgd"})
+    run_train(config(workspace, f"ga8-{draft_type}", per_device_train_batch_size=1,
+                     gradient_accumulation_steps=8, **common))
+    run_train(config(workspace, f"b8-{draft_type}", per_device_train_batch_size=8, **common))
+    accumulated, batched = workspace["root"] / f"ga8-{draft_type}", workspace["root"] / f"b8-{draft_type}"
+    assert losses(accumulated)[1] == pytest.approx(losses(batched)[1], rel=1e-5)
+    a, b = final_weights(accumulated), final_weights(batched)
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6, rtol=1e-4), name
+
+
+def test_held_out_rows_without_trained_tokens_report_no_eval_loss(workspace, monkeypatch, caplog):
+    import baldeagle.train.run as run
+
+    split = run.split_rows
+
+    def untrained_eval_rows(*args, **kwargs):
+        train_rows, eval_rows = split(*args, **kwargs)
+        return train_rows, eval_rows.map(lambda row: {"loss_mask": [0] * len(row["loss_mask"])})
+
+    monkeypatch.setattr(run, "split_rows", untrained_eval_rows)
+    with caplog.at_level("WARNING"):
+        metrics = run_train(config(workspace, "untrained-eval", max_steps=2))
+    assert "eval_loss" not in metrics, metrics  # not a misleading 0.0
+    assert "no trained tokens" in caplog.text

@@ -9,7 +9,7 @@ DeepSpeed through accelerate, reporters) is the Trainer's own.
 
 from __future__ import annotations
 
-import math
+import logging
 import time
 from collections import defaultdict
 
@@ -18,11 +18,15 @@ from transformers import Trainer, TrainerCallback
 
 from baldeagle.model.checkpoint import load_draft, save_draft
 from baldeagle.train.losses import tau_sim
+from baldeagle.train.ttt import scored_positions
+
+logger = logging.getLogger(__name__)
 
 
 class EagleTrainer(Trainer):
-    # compute_loss returns a per-micro-batch mean; the Trainer divides it by the accumulation steps.
-    loss_is_scaled_for_ga = False
+    # compute_loss divides by the trained tokens of the whole optimizer step (`num_items_in_batch`,
+    # counted by `_get_num_items_in_batch`): the Trainer must not divide again.
+    loss_is_scaled_for_ga = True
 
     def __init__(self, *args, features, **kwargs):
         super().__init__(*args, **kwargs)
@@ -31,9 +35,21 @@ class EagleTrainer(Trainer):
         self._sums: dict[str, dict[str, torch.Tensor]] = {"train": defaultdict(float), "eval": defaultdict(float)}
 
     # ---- loss and metrics ----------------------------------------------------------------
+    def _get_num_items_in_batch(self, batch_samples: list, device) -> torch.Tensor | None:
+        """Trained tokens in an optimizer step's micro-batches, summed over processes (unless
+        `average_tokens_across_devices` is off): the denominator of every micro-batch's loss."""
+        if not batch_samples:
+            return None
+        count = sum(scored_positions(b["loss_mask"], b["attention_mask"]).sum() for b in batch_samples).to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = self.accelerator.reduce(count, reduction="sum")
+        return count.clamp(min=1)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         target = self.features(inputs)
-        loss, sums = model(inputs, target)  # DraftObjective.forward, through DDP/FSDP when wrapped
+        loss, sums = model(inputs, target, num_items_in_batch)  # DraftObjective.forward, through DDP/FSDP
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            loss = loss * self.args.world_size  # DDP averages gradients over processes; undo that mean
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite loss {loss.item()} at step {self.state.global_step} on a batch of rows "
@@ -65,6 +81,8 @@ class EagleTrainer(Trainer):
             metrics[f"acc_{k}"] = accs[-1]
         if accs:
             metrics["tau_sim"] = tau_sim(accs)
+        if split == "eval" and total.get("items", 0.0) > 0:
+            metrics["loss"] = total["loss"] / total["items"]  # per trained token, like the training loss
         prefix = "" if split == "train" else "eval_"
         return {prefix + key: value for key, value in metrics.items()}
 
@@ -79,14 +97,13 @@ class EagleTrainer(Trainer):
         model = self.model
         was_training = model.training
         model.eval()
-        losses = []
         with torch.no_grad():
             for batch in loader:
-                batch = self._prepare_inputs(batch)
-                losses.append(self.compute_loss(model, batch).item())
+                self.compute_loss(model, self._prepare_inputs(batch))
         model.train(was_training)
-        metrics = self._flush("eval")
-        metrics["eval_loss"] = sum(losses) / max(len(losses), 1) if losses else math.nan
+        metrics = self._flush("eval")  # reduced across processes
+        if "eval_loss" not in metrics:
+            logger.warning("the held-out rows have no trained tokens: no eval_loss, acc_k or tau_sim to report")
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
