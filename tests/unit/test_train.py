@@ -170,3 +170,31 @@ def test_held_out_rows_without_trained_tokens_report_no_eval_loss(workspace, mon
         metrics = run_train(config(workspace, "untrained-eval", max_steps=2))
     assert "eval_loss" not in metrics, metrics  # not a misleading 0.0
     assert "no trained tokens" in caplog.text
+
+
+@pytest.mark.parametrize("draft_type", ["eagle3", "eagle1"])
+def test_resume_with_the_default_sampler_gives_the_same_losses_and_weights(workspace, draft_type):
+    """Train 8 steps straight vs 4, stop, resume to 8 with the default length-grouped sampler
+    (shuffled, so the data order must come back exactly); 3 steps an epoch, so the stop lies inside
+    the second epoch and the resumed run crosses into the third."""
+    import shutil
+
+    def settings(out, **changes):
+        cfg = config(workspace, out, draft_type=draft_type, max_steps=8, save_steps=4, eval_fraction=0.0,
+                     per_device_train_batch_size=8, training_args={}, **changes)
+        assert cfg.training_args == {}  # the default sampler (group_by_length)
+        return cfg
+
+    run_train(settings(f"grouped-{draft_type}"))
+    reference, reference_weights = losses(workspace["root"] / f"grouped-{draft_type}"), final_weights(
+        workspace["root"] / f"grouped-{draft_type}")
+    stopped = workspace["root"] / f"grouped-{draft_type}"
+    shutil.rmtree(stopped / "checkpoint-8")
+    shutil.rmtree(stopped / "final")
+    run_train(settings(f"grouped-{draft_type}", resume=True))
+    resumed, weights = losses(stopped), final_weights(stopped)
+    for step in (5, 6, 7, 8):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), (step, resumed, reference)
+    assert weights.keys() == reference_weights.keys()
+    for name, value in weights.items():
+        torch.testing.assert_close(value, reference_weights[name], atol=1e-6, rtol=1e-5, msg=name)

@@ -17,6 +17,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from baldeagle.model.checkpoint import load_draft, save_draft
+from baldeagle.train.collate import SeededLengthGroupedSampler
 from baldeagle.train.losses import tau_sim
 from baldeagle.train.ttt import scored_positions
 
@@ -33,6 +34,16 @@ class EagleTrainer(Trainer):
         self.features = features  # OnlineFeatures (target in the loop) or OfflineFeatures (the store)
         self.ttt_steps = self.accelerator.unwrap_model(self.model).ttt_steps
         self._sums: dict[str, dict[str, torch.Tensor]] = {"train": defaultdict(float), "eval": defaultdict(float)}
+
+    def _get_train_sampler(self, train_dataset=None):
+        """The length-grouped sampler with its own seeded order (see SeededLengthGroupedSampler)."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        column = self.args.length_column_name
+        if self.args.train_sampling_strategy != "group_by_length" or column not in dataset.column_names:
+            return super()._get_train_sampler(train_dataset)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        return SeededLengthGroupedSampler(batch, dataset[column], seed)
 
     # ---- loss and metrics ----------------------------------------------------------------
     def _get_num_items_in_batch(self, batch_samples: list, device) -> torch.Tensor | None:
