@@ -198,3 +198,63 @@ def test_resume_with_the_default_sampler_gives_the_same_losses_and_weights(works
     assert weights.keys() == reference_weights.keys()
     for name, value in weights.items():
         torch.testing.assert_close(value, reference_weights[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+class Killed(BaseException):
+    """Stands in for a kill (SIGKILL, OOM) in the middle of a write."""
+
+
+def test_a_kill_during_a_checkpoint_save_leaves_no_partial_checkpoint(workspace, monkeypatch, caplog):
+    import baldeagle.model.checkpoint as checkpoint
+
+    common = dict(max_steps=6, save_steps=3, eval_fraction=0.25, eval_steps=0)
+    run_train(config(workspace, "kill-reference", **common))
+    reference = json.loads((workspace["root"] / "kill-reference" / "final" / "metrics.json").read_text())
+    save_file = checkpoint.save_file
+
+    def killed_in_checkpoint_6(tensors, filename, **kwargs):  # draft_config.json is already written
+        if "checkpoint-6" in filename:
+            raise Killed
+        return save_file(tensors, filename, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", killed_in_checkpoint_6)
+    out = workspace["root"] / "killed"
+    with pytest.raises(Killed):
+        run_train(config(workspace, "killed", **common))
+    monkeypatch.setattr(checkpoint, "save_file", save_file)
+    assert not (out / "checkpoint-6").exists() and (out / "checkpoint-3" / "optimizer.pt").is_file()
+    assert list(out.glob(".*.partial"))  # what the kill left, hidden
+    (out / ".final.x1y2.partial").mkdir()  # and what a kill during the final save leaves
+    with caplog.at_level("WARNING"):
+        run_train(config(workspace, "killed", resume=True, **common))
+    assert not list(out.glob(".*.partial")) and "killed while writing" in caplog.text
+    resumed = json.loads((out / "final" / "metrics.json").read_text())
+    assert resumed["eval_before_training"] == reference["eval_before_training"] != {}
+    for step in (4, 5, 6):
+        assert losses(out)[step] == pytest.approx(losses(workspace["root"] / "kill-reference")[step], rel=1e-5)
+
+
+def test_resume_skips_incomplete_checkpoints_and_names_damaged_files(workspace, caplog):
+    import shutil
+
+    common = dict(max_steps=4, save_steps=2, eval_fraction=0.0)
+    base = workspace["root"] / "ckpt-base"
+    run_train(config(workspace, "ckpt-base", **common))
+
+    def copy(name):
+        shutil.copytree(base, workspace["root"] / name)
+        shutil.rmtree(workspace["root"] / name / "final")
+        return workspace["root"] / name / "checkpoint-4"
+
+    last = copy("incomplete")  # as a version that saved in place left it
+    (last / "model.safetensors").unlink()
+    (last / "trainer_state.json").unlink()
+    with caplog.at_level("WARNING"):
+        run_train(config(workspace, "incomplete", resume=True, **common))
+    assert "skipping the incomplete checkpoint" in caplog.text and "checkpoint-4" in caplog.text
+    assert (last / "model.safetensors").is_file() and (last / "trainer_state.json").is_file()  # saved anew
+    for name in ("model.safetensors", "optimizer.pt"):
+        path = copy(f"damaged-{name}") / name
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        with pytest.raises(ValueError, match=rf"checkpoint-4/{name} is damaged"):
+            run_train(config(workspace, f"damaged-{name}", resume=True, **common))

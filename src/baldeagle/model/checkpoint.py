@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from baldeagle.io import check_safetensors
 from baldeagle.model import draft_config
 from baldeagle.model.eagle1 import Eagle1Draft
 from baldeagle.model.eagle3 import Eagle3Draft
@@ -42,6 +43,7 @@ def load_draft(folder: str | Path, device: str | torch.device = "cpu", dtype: to
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} not found")
+    check_safetensors(weights)
     draft = build_draft(cfg)
     state = load_file(str(weights))
     missing, unexpected = draft.load_state_dict(state, strict=False)

@@ -10,12 +10,17 @@ DeepSpeed through accelerate, reporters) is the Trainer's own.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
 from collections import defaultdict
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from baldeagle.io import publish_dir
 from baldeagle.model.checkpoint import load_draft, save_draft
 from baldeagle.train.collate import SeededLengthGroupedSampler
 from baldeagle.train.losses import tau_sim
@@ -120,6 +125,34 @@ class EagleTrainer(Trainer):
         return metrics
 
     # ---- checkpoints ------------------------------------------------------------------------
+    _staging: str | None = None  # set while `_save_checkpoint` writes its hidden folder
+
+    def _get_output_dir(self, trial) -> str:
+        return self._staging or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint (weights, optimiser, scheduler, RNG, state), written whole into
+        a hidden `.checkpoint-N.partial/` and renamed into place once every process has written its
+        part: a kill leaves no partial `checkpoint-N` (the next run removes the stale folder)."""
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        self._staging = staging = os.path.join(run_dir, f".{name}.partial")
+        try:
+            super()._save_checkpoint(model, trial)  # writes staging/checkpoint-N
+        finally:
+            self._staging = None
+        if (self.state.best_model_checkpoint or "").startswith(staging):  # this step was the best
+            self.state.best_model_checkpoint = os.path.join(run_dir, name)
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(staging, name, TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()  # every process's files are in place
+        if self.args.should_save:
+            publish_dir(os.path.join(staging, name), os.path.join(run_dir, name))
+            shutil.rmtree(staging, ignore_errors=True)
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint,
+                               use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not self.args.should_save:
             return
