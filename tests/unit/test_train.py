@@ -258,3 +258,20 @@ def test_resume_skips_incomplete_checkpoints_and_names_damaged_files(workspace, 
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
         with pytest.raises(ValueError, match=rf"checkpoint-4/{name} is damaged"):
             run_train(config(workspace, f"damaged-{name}", resume=True, **common))
+
+
+def test_a_checkpoint_made_for_another_target_says_so(workspace, tmp_path):
+    wide = save_tiny_target(tmp_path / "wide", hidden_size=96, intermediate_size=192)
+    run_train(config(workspace, "narrow", max_steps=2, save_steps=2, eval_fraction=0.0))
+    message = "made for another target: hidden size 64, this target has 96"
+    with pytest.raises(ValueError, match=message):
+        run_train(config(workspace, "narrow", model=str(wide), max_steps=4, resume=True))
+    with pytest.raises(ValueError, match=message):
+        load_draft(workspace["root"] / "narrow" / "final", target_config=json.loads((wide / "config.json").read_text()))
+    from transformers import AutoConfig
+
+    from baldeagle.export import export_draft
+
+    with pytest.raises(ValueError, match=message):
+        export_draft(load_draft(workspace["root"] / "narrow" / "final"), tmp_path / "export", "vllm",
+                     target=str(wide), target_config=AutoConfig.from_pretrained(wide))

@@ -34,12 +34,15 @@ def save_draft(draft, folder: str | Path, state_dict: dict | None = None) -> Pat
 
 
 def load_draft(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               expected_type: str | None = None):
-    """Rebuild a draft from its folder; `expected_type` guards against resuming the wrong kind."""
+               expected_type: str | None = None, target_config=None):
+    """Rebuild a draft from its folder; `expected_type` guards against resuming the wrong kind,
+    `target_config` (the target's config) against a draft made for another target."""
     folder = Path(folder)
     cfg = draft_config.load(folder)
     if expected_type and cfg.draft_type != expected_type:
         raise ValueError(f"{folder} holds an {cfg.draft_type} draft, but {expected_type} was asked for")
+    if target_config is not None:
+        draft_config.check_fits_target(cfg, target_config, f"the draft in {folder}")
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} not found")

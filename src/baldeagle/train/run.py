@@ -159,11 +159,10 @@ def build_draft(cfg: TrainConfig, target, train_rows, checkpoint: str | None):
         target.config, cfg.draft_type, cfg.draft_vocab_size, cfg.aux_layer_ids or None
     )
     if checkpoint:
-        draft = load_draft(checkpoint, expected_type=cfg.draft_type)
-        for key in ("hidden_size", "vocab_size", "aux_layer_ids"):
-            if getattr(draft.config, key) != getattr(draft_cfg, key):
-                raise ValueError(f"{checkpoint}: draft {key}={getattr(draft.config, key)} does not match the "
-                                 f"target's {getattr(draft_cfg, key)}")
+        draft = load_draft(checkpoint, expected_type=cfg.draft_type, target_config=target.config)
+        if draft.config.aux_layer_ids != draft_cfg.aux_layer_ids:
+            raise ValueError(f"{checkpoint}: the draft reads aux layers {draft.config.aux_layer_ids}, "
+                             f"this run asks for {draft_cfg.aux_layer_ids}")
         return draft
     d2t = None
     if cfg.draft_type == "eagle3":
