@@ -1,8 +1,10 @@
 """`baldeagle train`: TrainConfig → target, prepared data, draft → EagleTrainer → a draft folder.
 
 Output layout: `out/checkpoint-N/` (Trainer checkpoints: draft weights, optimiser, scheduler, RNG,
-data position) and `out/final/` (the trained draft, its metrics and resolved config), written
-atomically. Every check that can fail runs before the first step.
+data position), `out/eval_before_training.json` (the untrained draft's held-out metrics, for
+--resume) and `out/final/` (the trained draft, its metrics and resolved config), all written
+atomically: a killed run leaves only hidden `.*.partial` folders, which the next run removes.
+Every check that can fail runs before the first step.
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 Only a few hooks change: `compute_loss` runs the target (online features) and the draft objective
 and collects per-step metrics; `log` flushes them (loss_k, acc_k, τ_sim); `evaluate` runs the same
 objective on held-out rows; `_save` writes a draft checkpoint (draft_config.json +
-model.safetensors). Everything else (optimiser, scheduler, checkpoints, resume, DDP / FSDP /
+model.safetensors) and `_save_checkpoint` makes the Trainer's checkpoint appear whole or not at all;
+`_get_num_items_in_batch` counts trained tokens, so each weighs the same across accumulation and
+processes; `_get_train_sampler` seeds the length-grouped order, so --resume replays it. Everything else (optimiser, scheduler, checkpoints, resume, DDP / FSDP /
 DeepSpeed through accelerate, reporters) is the Trainer's own.
 """
 
