@@ -41,7 +41,7 @@ from baldeagle.export_check import (
 )
 from baldeagle.io import atomic_dir, provenance
 from baldeagle.model.checkpoint import build_draft, load_draft
-from baldeagle.model.draft_config import DraftConfig
+from baldeagle.model.draft_config import DraftConfig, check_fits_target
 from baldeagle.targets import DEFAULT_TARGET, default_aux_layers, resolve_model
 
 FORMATS = ("sglang", "vllm", "speculators")
@@ -207,8 +207,7 @@ def export_draft(draft, out: str | Path, fmt: str, target: str = "", target_conf
     if target_config is not None:
         text = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
         target_layers, target_positions = int(text.num_hidden_layers), int(text.max_position_embeddings)
-        if target_layers != cfg.target_num_layers:
-            raise ValueError(f"the draft was built for a {cfg.target_num_layers}-layer target, {target} has {target_layers}")
+        check_fits_target(cfg, text, f"the draft exported for {target}")
     max_positions = max(cfg.max_position_embeddings, target_positions or 0)
 
     aux_order, engine_ids = None, []

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
@@ -110,14 +111,53 @@ def atomic_dir(final: str | Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    publish_dir(tmp, final)
+
+
+def publish_dir(tmp: str | Path, final: str | Path) -> Path:
+    """Rename the complete folder `tmp` to `final`, replacing an existing `final` only then."""
+    tmp, final = Path(tmp), Path(final)
     if final.exists():
-        old = final.with_name(f".{final.name}.old")
+        old = final.with_name(f".{final.name}.old.partial")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+    return final
+
+
+def remove_stale_partials(folder: str | Path) -> list[Path]:
+    """Delete the hidden `.*.partial` folders a killed run left in `folder` (never a finished
+    result: those only ever appear under their final names). → the folders removed."""
+    folder = Path(folder)
+    stale = sorted(p for p in folder.glob(".*.partial") if p.is_dir()) if folder.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def check_safetensors(path: str | Path) -> None:
+    """Raise ValueError naming `path` unless it is a whole safetensors file (a killed write leaves
+    a truncated one); reads the header only."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt"):
+            pass
+    except SafetensorError as error:
+        raise ValueError(f"{path} is damaged (truncated or not safetensors): {error}") from None
+
+
+def check_torch_file(path: str | Path) -> None:
+    """Raise ValueError naming `path` unless it is a readable `torch.save` archive (a zip file: a
+    truncated one has lost the directory at its end); reads no tensors."""
+    try:
+        with zipfile.ZipFile(path):
+            pass
+    except (zipfile.BadZipFile, OSError) as error:
+        raise ValueError(f"{path} is damaged (truncated or not a torch.save file): {error}") from None
 
 
 def _git_commit() -> str:

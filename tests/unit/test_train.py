@@ -132,3 +132,146 @@ def test_offline_store_must_cover_max_length(workspace):
                                 draft_type="eagle3", max_length=32))
     with pytest.raises(ValueError, match="exceeds the store's max_length"):
         run_train(config(workspace, "offline-short", mode="offline", features=str(store)))
+
+
+def final_weights(out_dir) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out_dir / "final" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("draft_type", ["eagle3", "eagle1"])
+def test_every_trained_token_weighs_the_same_across_accumulation(workspace, draft_type):
+    """Batch 1 × accumulation 8 equals batch 8 × accumulation 1 on rows with different trained-token
+    counts: the same logged loss and the same weights after one (SGD) optimizer step."""
+    common = dict(draft_type=draft_type, max_steps=1, eval_fraction=0.0, feature_noise=0.0, max_grad_norm=0.0,
+                  learning_rate=0.5, training_args={"train_sampling_strategy": "sequential", "optim": "sgd"})
+    run_train(config(workspace, f"ga8-{draft_type}", per_device_train_batch_size=1,
+                     gradient_accumulation_steps=8, **common))
+    run_train(config(workspace, f"b8-{draft_type}", per_device_train_batch_size=8, **common))
+    accumulated, batched = workspace["root"] / f"ga8-{draft_type}", workspace["root"] / f"b8-{draft_type}"
+    assert losses(accumulated)[1] == pytest.approx(losses(batched)[1], rel=1e-5)
+    a, b = final_weights(accumulated), final_weights(batched)
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6, rtol=1e-4), name
+
+
+def test_held_out_rows_without_trained_tokens_report_no_eval_loss(workspace, monkeypatch, caplog):
+    import baldeagle.train.run as run
+
+    split = run.split_rows
+
+    def untrained_eval_rows(*args, **kwargs):
+        train_rows, eval_rows = split(*args, **kwargs)
+        return train_rows, eval_rows.map(lambda row: {"loss_mask": [0] * len(row["loss_mask"])})
+
+    monkeypatch.setattr(run, "split_rows", untrained_eval_rows)
+    with caplog.at_level("WARNING"):
+        metrics = run_train(config(workspace, "untrained-eval", max_steps=2))
+    assert "eval_loss" not in metrics, metrics  # not a misleading 0.0
+    assert "no trained tokens" in caplog.text
+
+
+@pytest.mark.parametrize("draft_type", ["eagle3", "eagle1"])
+def test_resume_with_the_default_sampler_gives_the_same_losses_and_weights(workspace, draft_type):
+    """Train 8 steps straight vs 4, stop, resume to 8 with the default length-grouped sampler
+    (shuffled, so the data order must come back exactly); 3 steps an epoch, so the stop lies inside
+    the second epoch and the resumed run crosses into the third."""
+    import shutil
+
+    def settings(out, **changes):
+        cfg = config(workspace, out, draft_type=draft_type, max_steps=8, save_steps=4, eval_fraction=0.0,
+                     per_device_train_batch_size=8, training_args={}, **changes)
+        assert cfg.training_args == {}  # the default sampler (group_by_length)
+        return cfg
+
+    run_train(settings(f"grouped-{draft_type}"))
+    reference, reference_weights = losses(workspace["root"] / f"grouped-{draft_type}"), final_weights(
+        workspace["root"] / f"grouped-{draft_type}")
+    stopped = workspace["root"] / f"grouped-{draft_type}"
+    shutil.rmtree(stopped / "checkpoint-8")
+    shutil.rmtree(stopped / "final")
+    run_train(settings(f"grouped-{draft_type}", resume=True))
+    resumed, weights = losses(stopped), final_weights(stopped)
+    for step in (5, 6, 7, 8):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), (step, resumed, reference)
+    assert weights.keys() == reference_weights.keys()
+    for name, value in weights.items():
+        torch.testing.assert_close(value, reference_weights[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+class Killed(BaseException):
+    """Stands in for a kill (SIGKILL, OOM) in the middle of a write."""
+
+
+def test_a_kill_during_a_checkpoint_save_leaves_no_partial_checkpoint(workspace, monkeypatch, caplog):
+    import baldeagle.model.checkpoint as checkpoint
+
+    common = dict(max_steps=6, save_steps=3, eval_fraction=0.25, eval_steps=0)
+    run_train(config(workspace, "kill-reference", **common))
+    reference = json.loads((workspace["root"] / "kill-reference" / "final" / "metrics.json").read_text())
+    save_file = checkpoint.save_file
+
+    def killed_in_checkpoint_6(tensors, filename, **kwargs):  # draft_config.json is already written
+        if "checkpoint-6" in filename:
+            raise Killed
+        return save_file(tensors, filename, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", killed_in_checkpoint_6)
+    out = workspace["root"] / "killed"
+    with pytest.raises(Killed):
+        run_train(config(workspace, "killed", **common))
+    monkeypatch.setattr(checkpoint, "save_file", save_file)
+    assert not (out / "checkpoint-6").exists() and (out / "checkpoint-3" / "optimizer.pt").is_file()
+    assert list(out.glob(".*.partial"))  # what the kill left, hidden
+    (out / ".final.x1y2.partial").mkdir()  # and what a kill during the final save leaves
+    with caplog.at_level("WARNING"):
+        run_train(config(workspace, "killed", resume=True, **common))
+    assert not list(out.glob(".*.partial")) and "killed while writing" in caplog.text
+    resumed = json.loads((out / "final" / "metrics.json").read_text())
+    assert resumed["eval_before_training"] == reference["eval_before_training"] != {}
+    for step in (4, 5, 6):
+        assert losses(out)[step] == pytest.approx(losses(workspace["root"] / "kill-reference")[step], rel=1e-5)
+
+
+def test_resume_skips_incomplete_checkpoints_and_names_damaged_files(workspace, caplog):
+    import shutil
+
+    common = dict(max_steps=4, save_steps=2, eval_fraction=0.0)
+    base = workspace["root"] / "ckpt-base"
+    run_train(config(workspace, "ckpt-base", **common))
+
+    def copy(name):
+        shutil.copytree(base, workspace["root"] / name)
+        shutil.rmtree(workspace["root"] / name / "final")
+        return workspace["root"] / name / "checkpoint-4"
+
+    last = copy("incomplete")  # as a version that saved in place left it
+    (last / "model.safetensors").unlink()
+    (last / "trainer_state.json").unlink()
+    with caplog.at_level("WARNING"):
+        run_train(config(workspace, "incomplete", resume=True, **common))
+    assert "skipping the incomplete checkpoint" in caplog.text and "checkpoint-4" in caplog.text
+    assert (last / "model.safetensors").is_file() and (last / "trainer_state.json").is_file()  # saved anew
+    for name in ("model.safetensors", "optimizer.pt"):
+        path = copy(f"damaged-{name}") / name
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        with pytest.raises(ValueError, match=rf"checkpoint-4/{name} is damaged"):
+            run_train(config(workspace, f"damaged-{name}", resume=True, **common))
+
+
+def test_a_checkpoint_made_for_another_target_says_so(workspace, tmp_path):
+    wide = save_tiny_target(tmp_path / "wide", hidden_size=96, intermediate_size=192)
+    run_train(config(workspace, "narrow", max_steps=2, save_steps=2, eval_fraction=0.0))
+    message = "made for another target: hidden size 64, this target has 96"
+    with pytest.raises(ValueError, match=message):
+        run_train(config(workspace, "narrow", model=str(wide), max_steps=4, resume=True))
+    with pytest.raises(ValueError, match=message):
+        load_draft(workspace["root"] / "narrow" / "final", target_config=json.loads((wide / "config.json").read_text()))
+    from transformers import AutoConfig
+
+    from baldeagle.export import export_draft
+
+    with pytest.raises(ValueError, match=message):
+        export_draft(load_draft(workspace["root"] / "narrow" / "final"), tmp_path / "export", "vllm",
+                     target=str(wide), target_config=AutoConfig.from_pretrained(wide))

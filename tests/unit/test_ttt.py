@@ -205,6 +205,8 @@ def test_the_objective_weighs_ttt_step_k_by_weight_to_the_k(weight):
     batch = {"input_ids": ids, "attention_mask": attention_mask, "loss_mask": torch.ones_like(ids)}
     loss, sums = DraftObjective(draft, ttt_steps=3, ttt_step_weight=weight)(
         batch, TargetFeatures(draft_features(hidden_states, cfg), hidden_states[-1], logits))
-    step_means = [sums[f"loss_{k}"] / sums[f"count_{k}"] for k in range(3)]
+    # Every step's sum is divided by the batch's trained tokens (`items`), so each token weighs the same.
+    step_means = [sums[f"loss_{k}"] / sums["items"] for k in range(3)]
     assert abs(step_means[1] - step_means[0]) > 1e-3  # the weights are visible in the total
     torch.testing.assert_close(loss, sum(weight**k * m for k, m in enumerate(step_means)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sums["loss"], loss * sums["items"])

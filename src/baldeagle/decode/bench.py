@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from baldeagle.config import EvalConfig, to_dict, write_resolved
+from baldeagle.model.draft_config import check_fits_target
 from baldeagle.decode.speculative import (
     Generation,
     SpecSettings,
@@ -123,15 +124,7 @@ def check_compatible(target, tokenizer, draft, model_name: str) -> list[str]:
     cfg = draft.config
     text = target.config.get_text_config()
     where = f"the draft (made for {cfg.target_model or 'an unnamed target'})"
-    if cfg.hidden_size != text.hidden_size:
-        raise ValueError(f"{where} has hidden size {cfg.hidden_size}, but {model_name} has {text.hidden_size}")
-    if cfg.vocab_size != text.vocab_size:
-        raise ValueError(f"{where} has vocabulary {cfg.vocab_size}, but {model_name} has {text.vocab_size}")
-    if cfg.target_num_layers != text.num_hidden_layers:
-        raise ValueError(
-            f"{where} reads features of a {cfg.target_num_layers}-layer target, but {model_name} has "
-            f"{text.num_hidden_layers} layers"
-        )
+    check_fits_target(cfg, text, f"the draft evaluated with {model_name}")
     if len(tokenizer) > text.vocab_size:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, more than {model_name}'s vocabulary of "
                          f"{text.vocab_size}: it belongs to another model")

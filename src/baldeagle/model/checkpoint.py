@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from baldeagle.io import check_safetensors
 from baldeagle.model import draft_config
 from baldeagle.model.eagle1 import Eagle1Draft
 from baldeagle.model.eagle3 import Eagle3Draft
@@ -33,15 +34,19 @@ def save_draft(draft, folder: str | Path, state_dict: dict | None = None) -> Pat
 
 
 def load_draft(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               expected_type: str | None = None):
-    """Rebuild a draft from its folder; `expected_type` guards against resuming the wrong kind."""
+               expected_type: str | None = None, target_config=None):
+    """Rebuild a draft from its folder; `expected_type` guards against resuming the wrong kind,
+    `target_config` (the target's config) against a draft made for another target."""
     folder = Path(folder)
     cfg = draft_config.load(folder)
     if expected_type and cfg.draft_type != expected_type:
         raise ValueError(f"{folder} holds an {cfg.draft_type} draft, but {expected_type} was asked for")
+    if target_config is not None:
+        draft_config.check_fits_target(cfg, target_config, f"the draft in {folder}")
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} not found")
+    check_safetensors(weights)
     draft = build_draft(cfg)
     state = load_file(str(weights))
     missing, unexpected = draft.load_state_dict(state, strict=False)

@@ -159,6 +159,27 @@ def to_llama_config(cfg: DraftConfig):
     )
 
 
+# What a draft reads from its target and cannot adapt to: (what, draft config field, target config field).
+FOLLOWED_SIZES = (("hidden size", "hidden_size", "hidden_size"), ("vocabulary", "vocab_size", "vocab_size"),
+                  ("layer count", "target_num_layers", "num_hidden_layers"))
+
+
+def check_fits_target(cfg: DraftConfig, target_config, where: str) -> None:
+    """One clear error when the draft `cfg` (from `where`) was made for another target.
+
+    target_config: a Transformers config, or a config.json as a dict."""
+    if isinstance(target_config, dict):
+        text = target_config.get("text_config") or target_config
+        value = text.get
+    else:
+        text = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
+        value = lambda key: getattr(text, key, None)  # noqa: E731
+    for what, ours, theirs in FOLLOWED_SIZES:
+        if value(theirs) is not None and getattr(cfg, ours) != value(theirs):
+            raise ValueError(f"{where} was made for another target: {what} {getattr(cfg, ours)}, "
+                             f"this target has {value(theirs)}")
+
+
 def save(cfg: DraftConfig, folder: str | Path) -> Path:
     path = Path(folder) / CONFIG_NAME
     path.parent.mkdir(parents=True, exist_ok=True)

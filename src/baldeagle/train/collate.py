@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 
 def add_length_column(dataset):
@@ -16,6 +17,23 @@ def add_length_column(dataset):
     if "length" in dataset.column_names:
         return dataset
     return dataset.map(lambda row: {"length": len(row["input_ids"])}, desc="lengths")
+
+
+class SeededLengthGroupedSampler(LengthGroupedSampler):
+    """Transformers' length-grouped order, drawn from a generator seeded by (seed, epoch) instead
+    of the global RNG: a resumed run, which skips the batches already trained, replays the same
+    order in any epoch, and every process draws the same one."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:  # called by the Trainer (through accelerate) each epoch
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return super().__iter__()
 
 
 @dataclass

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from baldeagle.data.features import TargetFeatures
-from baldeagle.train.ttt import eagle1_forward, ttt_forward
+from baldeagle.train.ttt import eagle1_forward, scored_positions, ttt_forward
 
 
 class DraftObjective(nn.Module):
@@ -21,33 +21,42 @@ class DraftObjective(nn.Module):
         self.ttt_step_weight = ttt_step_weight
         self.feature_noise = feature_noise
 
-    def forward(self, batch: dict[str, torch.Tensor], target: TargetFeatures):
-        """batch: input_ids, attention_mask, loss_mask [B, T]; target: the frozen target's tensors.
+    def forward(self, batch: dict[str, torch.Tensor], target: TargetFeatures, num_items=None):
+        """batch: input_ids, attention_mask, loss_mask [B, T]; target: the frozen target's tensors;
+        num_items: the trained tokens of the whole optimizer step (every micro-batch, every process;
+        default: this batch's), the loss's denominator, so that every trained token weighs the same.
 
-        → (loss, sums): sums hold detached per-step `loss_k`, `correct_k`, `count_k` totals, so
-        metrics add up exactly across batches and processes before dividing.
+        → (loss, sums): sums hold detached per-step `loss_k`, `correct_k`, `count_k` totals and the
+        objective's own `loss` sum over this batch's `items` (trained tokens), so metrics add up
+        exactly across batches and processes before dividing.
         """
+        items = scored_positions(batch["loss_mask"], batch["attention_mask"]).sum()
+        divisor = items.clamp(min=1) if num_items is None else num_items
         if self.draft.config.draft_type == "eagle3":
-            return self._eagle3(batch, target)
-        return self._eagle1(batch, target)
+            loss, sums = self._eagle3(batch, target, divisor)
+        else:
+            loss, sums = self._eagle1(batch, target, divisor)
+        sums.update(loss=loss.detach() * divisor, items=items.float())
+        return loss, sums
 
-    def _eagle3(self, batch, target):
+    def _eagle3(self, batch, target, divisor):
         out = ttt_forward(
             self.draft, batch["input_ids"], target.features, target.logits, batch["loss_mask"],
             steps=self.ttt_steps, attention_mask=batch["attention_mask"], decay=self.ttt_step_weight,
+            num_items=divisor,
         )
         sums = {}
         for k, (loss, correct, count) in enumerate(zip(out.step_losses, out.correct, out.count)):
-            sums[f"loss_{k}"] = loss.detach() * count
+            sums[f"loss_{k}"] = loss.detach() * divisor  # step k's summed loss over its trained tokens
             sums[f"correct_{k}"] = correct.float()
             sums[f"count_{k}"] = count.float()
         return out.loss, sums
 
-    def _eagle1(self, batch, target):
+    def _eagle1(self, batch, target, divisor):
         noise = self.feature_noise if self.training else 0.0
         loss, metrics = eagle1_forward(
             self.draft, batch["input_ids"], target.features, batch["loss_mask"], target_logits=target.logits,
-            attention_mask=batch["attention_mask"], noise_std=noise,
+            attention_mask=batch["attention_mask"], noise_std=noise, num_items=divisor,
         )
         sums = {
             "loss_0": metrics["l1_sum"] + 0.1 * metrics["ce_sum"],

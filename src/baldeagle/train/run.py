@@ -1,27 +1,32 @@
 """`baldeagle train`: TrainConfig → target, prepared data, draft → EagleTrainer → a draft folder.
 
 Output layout: `out/checkpoint-N/` (Trainer checkpoints: draft weights, optimiser, scheduler, RNG,
-data position) and `out/final/` (the trained draft, its metrics and resolved config), written
-atomically. Every check that can fail runs before the first step.
+data position), `out/eval_before_training.json` (the untrained draft's held-out metrics, for
+--resume) and `out/final/` (the trained draft, its metrics and resolved config), all written
+atomically: a killed run leaves only hidden `.*.partial` folders, which the next run removes.
+Every check that can fail runs before the first step.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from baldeagle.config import ConfigError, TrainConfig, write_resolved
 from baldeagle.data.features import OnlineFeatures
 from baldeagle.data.prepare import load_prepared
-from baldeagle.io import atomic_dir, atomic_write_json, provenance
-from baldeagle.model.checkpoint import load_draft, save_draft
-from baldeagle.model.draft_config import draft_config_from_target
+from baldeagle.io import (atomic_dir, atomic_write_json, check_safetensors, check_torch_file, provenance, read_json,
+                         remove_stale_partials)
+from baldeagle.model.checkpoint import WEIGHTS_NAME, load_draft, save_draft
+from baldeagle.model.draft_config import CONFIG_NAME, draft_config_from_target
 from baldeagle.model.vocab import build_draft_vocab, count_trained_tokens
 from baldeagle.targets import load_target
 from baldeagle.train.collate import PadCollator, add_length_column
@@ -29,6 +34,9 @@ from baldeagle.train.objective import DraftObjective
 from baldeagle.train.trainer import EagleTrainer, TimeBudget
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CHECKPOINT_FILES = (CONFIG_NAME, WEIGHTS_NAME, TRAINER_STATE_NAME)  # the Trainer writes its state last
+BEFORE_NAME = "eval_before_training.json"  # the untrained draft's held-out metrics, kept for --resume
+logger = logging.getLogger(__name__)
 
 
 def check_settings(cfg: TrainConfig) -> None:
@@ -98,16 +106,39 @@ def training_arguments(cfg: TrainConfig) -> TrainingArguments:
 def resume_checkpoint(cfg: TrainConfig) -> str | None:
     """The checkpoint to continue from, or None; refuses to mix a new run into an old folder."""
     out = Path(cfg.out)
+    for stale in remove_stale_partials(out):
+        logger.warning("removed %s, left by a run killed while writing it", stale)
     if cfg.resume:
-        last = get_last_checkpoint(str(out)) if out.is_dir() else None
+        last = last_complete_checkpoint(out)
         if last is None:
-            raise FileNotFoundError(f"--resume: no checkpoint-N folder in {out}")
-        return last
+            raise FileNotFoundError(f"--resume: no checkpoint to continue from in {out} (no complete checkpoint-N)")
+        check_checkpoint_files(last)
+        return str(last)
     if out.exists() and any(out.iterdir()):
         if not cfg.overwrite:
             raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or --overwrite")
         shutil.rmtree(out)
     return None
+
+
+def last_complete_checkpoint(out: Path) -> Path | None:
+    """The newest `checkpoint-N` holding every file a resume reads; incomplete ones (written by a
+    version that saved in place, then killed) are skipped with a warning."""
+    numbered = [(int(p.name.split("-")[1]), p) for p in out.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                if p.is_dir() and p.name.split("-")[1].isdigit()] if out.is_dir() else []
+    for _, path in sorted(numbered, reverse=True):
+        missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+        if not missing:
+            return path
+        logger.warning("skipping the incomplete checkpoint %s (no %s)", path, ", ".join(missing))
+    return None
+
+
+def check_checkpoint_files(folder: Path) -> None:
+    """Before anything loads: a truncated weights, optimiser, scheduler or RNG file is an error naming it."""
+    check_safetensors(folder / WEIGHTS_NAME)
+    for path in sorted([*folder.glob("*.pt"), *folder.glob("*.pth")]):
+        check_torch_file(path)
 
 
 def split_rows(dataset, cfg: TrainConfig, stored_rows: list[int] | None = None):
@@ -137,11 +168,10 @@ def build_draft(cfg: TrainConfig, target, train_rows, checkpoint: str | None):
         target.config, cfg.draft_type, cfg.draft_vocab_size, cfg.aux_layer_ids or None
     )
     if checkpoint:
-        draft = load_draft(checkpoint, expected_type=cfg.draft_type)
-        for key in ("hidden_size", "vocab_size", "aux_layer_ids"):
-            if getattr(draft.config, key) != getattr(draft_cfg, key):
-                raise ValueError(f"{checkpoint}: draft {key}={getattr(draft.config, key)} does not match the "
-                                 f"target's {getattr(draft_cfg, key)}")
+        draft = load_draft(checkpoint, expected_type=cfg.draft_type, target_config=target.config)
+        if draft.config.aux_layer_ids != draft_cfg.aux_layer_ids:
+            raise ValueError(f"{checkpoint}: the draft reads aux layers {draft.config.aux_layer_ids}, "
+                             f"this run asks for {draft_cfg.aux_layer_ids}")
         return draft
     d2t = None
     if cfg.draft_type == "eagle3":
@@ -187,6 +217,18 @@ def make_yardstick(cfg: TrainConfig, target, draft):
     return build_yardstick(cfg.model, draft.config, settings, target=target, trust_remote_code=cfg.trust_remote_code)
 
 
+def eval_before_training(trainer, cfg: TrainConfig, checkpoint: str | None) -> dict:
+    """The untrained draft's held-out numbers (the baseline the final evaluation must beat):
+    computed on a fresh run and stored in the output folder, read back on --resume."""
+    path = Path(cfg.out) / BEFORE_NAME
+    if checkpoint is not None:
+        return read_json(path) if path.is_file() else {}
+    before = trainer.evaluate()
+    if trainer.args.should_save:
+        atomic_write_json(path, before)
+    return before
+
+
 def run_train(cfg: TrainConfig) -> dict:
     check_settings(cfg)
     checkpoint = resume_checkpoint(cfg)
@@ -216,9 +258,8 @@ def run_train(cfg: TrainConfig) -> dict:
         yardstick_k=cfg.eval_chain_k,
         callbacks=[TimeBudget(cfg.max_minutes)] if cfg.max_minutes > 0 else None,
     )
-    # The untrained draft's held-out numbers: the baseline the final evaluation must beat.
     evaluates = eval_rows is not None or yardstick is not None
-    before = trainer.evaluate() if evaluates and checkpoint is None else {}
+    before = eval_before_training(trainer, cfg, checkpoint) if evaluates else {}
     trainer.train(resume_from_checkpoint=checkpoint)
     metrics = trainer.evaluate() if evaluates else {}
     if trainer.args.should_save:

@@ -3,26 +3,38 @@
 Only a few hooks change: `compute_loss` runs the target (online features) and the draft objective
 and collects per-step metrics; `log` flushes them (loss_k, acc_k, τ_sim); `evaluate` runs the same
 objective on held-out rows; `_save` writes a draft checkpoint (draft_config.json +
-model.safetensors). Everything else (optimiser, scheduler, checkpoints, resume, DDP / FSDP /
+model.safetensors) and `_save_checkpoint` makes the Trainer's checkpoint appear whole or not at all;
+`_get_num_items_in_batch` counts trained tokens, so each weighs the same across accumulation and
+processes; `_get_train_sampler` seeds the length-grouped order, so --resume replays it. Everything else (optimiser, scheduler, checkpoints, resume, DDP / FSDP /
 DeepSpeed through accelerate, reporters) is the Trainer's own.
 """
 
 from __future__ import annotations
 
-import math
+import logging
+import os
+import shutil
 import time
 from collections import defaultdict
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from baldeagle.io import publish_dir
 from baldeagle.model.checkpoint import load_draft, save_draft
+from baldeagle.train.collate import SeededLengthGroupedSampler
 from baldeagle.train.losses import tau_sim
+from baldeagle.train.ttt import scored_positions
+
+logger = logging.getLogger(__name__)
 
 
 class EagleTrainer(Trainer):
-    # compute_loss returns a per-micro-batch mean; the Trainer divides it by the accumulation steps.
-    loss_is_scaled_for_ga = False
+    # compute_loss divides by the trained tokens of the whole optimizer step (`num_items_in_batch`,
+    # counted by `_get_num_items_in_batch`): the Trainer must not divide again.
+    loss_is_scaled_for_ga = True
 
     def __init__(self, *args, features, yardstick=None, yardstick_k: int = 3, **kwargs):
         super().__init__(*args, **kwargs)
@@ -34,10 +46,32 @@ class EagleTrainer(Trainer):
         self.ttt_steps = self.accelerator.unwrap_model(self.model).ttt_steps
         self._sums: dict[str, dict[str, torch.Tensor]] = {"train": defaultdict(float), "eval": defaultdict(float)}
 
+    def _get_train_sampler(self, train_dataset=None):
+        """The length-grouped sampler with its own seeded order (see SeededLengthGroupedSampler)."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        column = self.args.length_column_name
+        if self.args.train_sampling_strategy != "group_by_length" or column not in dataset.column_names:
+            return super()._get_train_sampler(train_dataset)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+        return SeededLengthGroupedSampler(batch, dataset[column], seed)
+
     # ---- loss and metrics ----------------------------------------------------------------
+    def _get_num_items_in_batch(self, batch_samples: list, device) -> torch.Tensor | None:
+        """Trained tokens in an optimizer step's micro-batches, summed over processes (unless
+        `average_tokens_across_devices` is off): the denominator of every micro-batch's loss."""
+        if not batch_samples:
+            return None
+        count = sum(scored_positions(b["loss_mask"], b["attention_mask"]).sum() for b in batch_samples).to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = self.accelerator.reduce(count, reduction="sum")
+        return count.clamp(min=1)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         target = self.features(inputs)
-        loss, sums = model(inputs, target)  # DraftObjective.forward, through DDP/FSDP when wrapped
+        loss, sums = model(inputs, target, num_items_in_batch)  # DraftObjective.forward, through DDP/FSDP
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            loss = loss * self.args.world_size  # DDP averages gradients over processes; undo that mean
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite loss {loss.item()} at step {self.state.global_step} on a batch of rows "
@@ -72,6 +106,8 @@ class EagleTrainer(Trainer):
             metrics[f"acc_{k}"] = accs[-1]
         if accs:
             metrics["tau_sim"] = tau_sim(accs)
+        if split == "eval" and total.get("items", 0.0) > 0:
+            metrics["loss"] = total["loss"] / total["items"]  # per trained token, like the training loss
         prefix = "" if split == "train" else "eval_"
         return {prefix + key: value for key, value in metrics.items()}
 
@@ -104,16 +140,43 @@ class EagleTrainer(Trainer):
 
     def _held_out_metrics(self, model, eval_dataset) -> dict[str, float]:
         """The training objective on the held-out rows: eval_loss, eval_acc_k, eval_tau_sim."""
-        losses = []
         with torch.no_grad():
             for batch in self.get_eval_dataloader(eval_dataset):
-                batch = self._prepare_inputs(batch)
-                losses.append(self.compute_loss(model, batch).item())
-        metrics = self._flush("eval")
-        metrics["eval_loss"] = sum(losses) / max(len(losses), 1) if losses else math.nan
+                self.compute_loss(model, self._prepare_inputs(batch))
+        metrics = self._flush("eval")  # reduced across processes
+        if "eval_loss" not in metrics:
+            logger.warning("the held-out rows have no trained tokens: no eval_loss, acc_k or tau_sim to report")
         return metrics
 
     # ---- checkpoints ------------------------------------------------------------------------
+    _staging: str | None = None  # set while `_save_checkpoint` writes its hidden folder
+
+    def _get_output_dir(self, trial) -> str:
+        return self._staging or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint (weights, optimiser, scheduler, RNG, state), written whole into
+        a hidden `.checkpoint-N.partial/` and renamed into place once every process has written its
+        part: a kill leaves no partial `checkpoint-N` (the next run removes the stale folder)."""
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        self._staging = staging = os.path.join(run_dir, f".{name}.partial")
+        try:
+            super()._save_checkpoint(model, trial)  # writes staging/checkpoint-N
+        finally:
+            self._staging = None
+        if (self.state.best_model_checkpoint or "").startswith(staging):  # this step was the best
+            self.state.best_model_checkpoint = os.path.join(run_dir, name)
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(staging, name, TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()  # every process's files are in place
+        if self.args.should_save:
+            publish_dir(os.path.join(staging, name), os.path.join(run_dir, name))
+            shutil.rmtree(staging, ignore_errors=True)
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint,
+                               use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not self.args.should_save:
             return

@@ -46,6 +46,17 @@ def take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x[torch.arange(x.shape[0], device=x.device)[:, None], index]
 
 
+def scored_positions(loss_mask: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T] bool: the target positions p a draft is scored on at step 0 (EAGLE-1's only step):
+    p ≥ 1, x_{p+1} trained, and row p-1 a real token (left padding). Their count is the batch's
+    number of trained tokens, the `num_items` that makes every token weigh the same."""
+    trained = shift_left(loss_mask, 1).bool()
+    trained[:, 0] = False
+    if attention_mask is not None:
+        trained[:, 1:] &= attention_mask[:, :-1].bool()
+    return trained
+
+
 @dataclass
 class StepRows:
     """The rows one TTT step runs on, per batch element, in slots [B, M]: M is the most rows any
@@ -188,7 +199,7 @@ def ttt_forward(
         position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
     real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
     # Target position p = t+1+k is trained iff x_{p+1} is: the same positions at every step.
-    trained = shift_left(loss_mask, 1).bool()
+    trained = scored_positions(loss_mask, real)
     b_idx, p_idx = trained.nonzero(as_tuple=True)  # [N]
     # Only trained positions are gathered (target_logits may compute lazily, see TargetLogits).
     target_probs, target_argmax = draft_vocab_targets(target_logits[b_idx, p_idx], draft.t2d)  # [N, Vd], [N]
@@ -282,11 +293,7 @@ def eagle1_forward(
         position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
     inputs = feature_noise(features, noise_std) if noise_std else features
     out = draft(shift_left(input_ids, 1), inputs, position_ids, attention_mask=attention_mask)  # [B, T, H]
-    trained = shift_left(loss_mask, 1).bool()
-    trained[:, 0] = False  # target position p = t+1 ≥ 1
-    if attention_mask is not None:  # row t = p-1 must be a real token (left padding)
-        trained[:, 1:] &= attention_mask[:, :-1].bool()
-    b_idx, p_idx = trained.nonzero(as_tuple=True)  # [N]
+    b_idx, p_idx = scored_positions(loss_mask, attention_mask).nonzero(as_tuple=True)  # [N]
     pred, target_next = out[b_idx, p_idx - 1], features[b_idx, p_idx]  # [N, H]
     if target_logits is None:
         with torch.no_grad():
