@@ -275,3 +275,20 @@ def test_a_checkpoint_made_for_another_target_says_so(workspace, tmp_path):
     with pytest.raises(ValueError, match=message):
         export_draft(load_draft(workspace["root"] / "narrow" / "final"), tmp_path / "export", "vllm",
                      target=str(wide), target_config=AutoConfig.from_pretrained(wide))
+
+
+def test_time_budget_runs_on_the_clock_it_is_given():
+    """The budget stops training after `minutes` on its clock; the trainer hands it one that stands
+    still during evaluations, so scoring a run often does not shorten its training."""
+    from types import SimpleNamespace
+
+    from baldeagle.train.trainer import TimeBudget
+
+    now = [100.0]
+    budget = TimeBudget(minutes=1.0, clock=lambda: now[0])
+    control = SimpleNamespace(should_training_stop=False, should_save=False)
+    budget.on_train_begin(None, None, control)
+    now[0] += 59.0
+    assert not budget.on_step_end(None, None, control).should_training_stop
+    now[0] += 2.0
+    assert budget.on_step_end(None, None, control).should_training_stop and control.should_save

@@ -247,6 +247,7 @@ def run_train(cfg: TrainConfig) -> dict:
         target.to(args.device)
     else:
         del target  # offline: the store replaces the target's forward; free its memory
+    budget = TimeBudget(cfg.max_minutes) if cfg.max_minutes > 0 else None
     trainer = EagleTrainer(
         model=DraftObjective(draft, cfg.ttt_steps, cfg.feature_noise, cfg.ttt_step_weight),
         args=args,
@@ -256,8 +257,10 @@ def run_train(cfg: TrainConfig) -> dict:
         features=features,
         yardstick=yardstick,
         yardstick_k=cfg.eval_chain_k,
-        callbacks=[TimeBudget(cfg.max_minutes)] if cfg.max_minutes > 0 else None,
+        callbacks=[budget] if budget else None,
     )
+    if budget:
+        budget.clock = trainer.training_clock  # evaluations do not use up the training budget
     evaluates = eval_rows is not None or yardstick is not None
     before = eval_before_training(trainer, cfg, checkpoint) if evaluates else {}
     trainer.train(resume_from_checkpoint=checkpoint)
