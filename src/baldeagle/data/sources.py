@@ -39,7 +39,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from baldeagle.targets import package_folder
+from baldeagle.io import package_folder
 
 PRESETS = {
     "ultrachat": {"path": "HuggingFaceH4/ultrachat_200k", "split": "train_sft"},

@@ -42,17 +42,12 @@ from pathlib import Path
 import torch
 
 from baldeagle.config import EvalConfig, to_dict, write_resolved
+from baldeagle.conventions import pad_token_id, text_config, torch_dtype
+from baldeagle.decode.speculative import Generation, SpecSettings, plain_generate, speculative_generate
 from baldeagle.model.draft_config import check_fits_target
-from baldeagle.decode.speculative import (
-    Generation,
-    SpecSettings,
-    pack_linears,
-    plain_generate,
-    speculative_generate,
-)
+from baldeagle.model.packed import pack_linears
 
 PROMPT_LOOKUP_TOKENS = 10  # Transformers' prompt_lookup_num_tokens (its documented example value)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -122,7 +117,7 @@ def _read_prompt_file(path: Path) -> list[Prompt]:
 def check_compatible(target, tokenizer, draft, model_name: str) -> list[str]:
     """Raise on a draft or tokenizer made for another target; return warnings for softer doubts."""
     cfg = draft.config
-    text = target.config.get_text_config()
+    text = text_config(target.config)
     where = f"the draft (made for {cfg.target_model or 'an unnamed target'})"
     check_fits_target(cfg, text, f"the draft evaluated with {model_name}")
     if len(tokenizer) > text.vocab_size:
@@ -344,9 +339,7 @@ def _load(cfg: EvalConfig) -> Session:
     _settings(cfg)  # bad k / top_p / temperature fail here, before anything loads
     if cfg.timing_repeats < 1:
         raise ValueError(f"timing_repeats must be at least 1, got {cfg.timing_repeats}")
-    if cfg.target_dtype not in DTYPES:
-        raise ValueError(f"target_dtype must be one of {sorted(DTYPES)}, got {cfg.target_dtype!r}")
-    dtype = DTYPES[cfg.target_dtype]
+    dtype = torch_dtype(cfg.target_dtype)
     prompts = load_prompt_set(cfg.prompts, cfg.limit, cfg.first_turn_only)
     if not prompts:
         raise ValueError(f"no prompts to evaluate in {cfg.prompts!r}")
@@ -358,14 +351,14 @@ def _load(cfg: EvalConfig) -> Session:
     warnings = check_compatible(target, tokenizer, draft, cfg.model)
     for warning in warnings:
         print(f"baldeagle: warning: {warning}", flush=True)
-    context = int(getattr(target.config.get_text_config(), "max_position_embeddings", 0) or 0)
+    context = int(getattr(text_config(target.config), "max_position_embeddings", 0) or 0)
     if context:
         _check_lengths(tokenizer, prompts, cfg.max_new_tokens, context)
     settings = _settings(cfg, stop_token_ids(target.generation_config, tokenizer))
     # CPU float32: pre-pack linear weights for all three decoders alike (multi-token forwards get cheap)
     packed = pack_linears(target)
     pack_linears(draft)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (settings.eos_token_ids or (0,))[0]
+    pad_id = pad_token_id(tokenizer.pad_token_id, settings.eos_token_ids)
     return Session(cfg, settings, prompts, target, draft, tokenizer, warnings, pad_id, packed)
 
 
