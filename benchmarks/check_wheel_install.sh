@@ -3,8 +3,8 @@
 # of the working tree, installs it with its dependencies into a fresh virtual environment outside the
 # checkout, and checks, from a folder outside the checkout, that the package's files are the
 # installed ones and that `baldeagle quickstart` resolves the same training settings (the packaged
-# quickstart.yaml) as the checkout does. Run by .ci/run before `make test`; about three minutes
-# (2.2 min to build, install and check, ~40 s to delete the venv, on a 2-core machine).
+# quickstart.yaml) as the checkout does. Run by .ci/run before `make test`; 3-4 minutes
+# (2.2 min to build, install and check, then 40-100 s to delete the venv, on a busy 2-core machine).
 #   bash benchmarks/check_wheel_install.sh          (PYTHON=python3.12, TORCH_SPEC=torch to change them)
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
