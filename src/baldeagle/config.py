@@ -197,7 +197,7 @@ class ServeBenchConfig:
     draft: str = field(default="runs/export", metadata={"help": "exported draft folder, or a BaldEagle draft (exported on the fly)"})
     engine: str = field(default="vllm", metadata={"help": "vllm (sglang: not on CPU machines)"})
     out: str = field(default="runs/serve-bench", metadata={"help": "output folder: eval.json, engine logs"})
-    prompts: str = field(default="mtbench", metadata={"help": "mtbench, or any source load_prompts reads"})
+    prompts: str = field(default="mtbench", metadata={"help": "mtbench, or a JSONL file with `turns` or `messages` per line (as eval reads it)"})
     limit: int = field(default=0, metadata={"min": 0, "help": "at most this many prompts (0 = all; MT-bench: spread over its categories)"})
     first_turn_only: bool = field(default=True, metadata={"help": "only the first turn of each prompt"})
     num_speculative_tokens: int = field(default=3, metadata={"min": 1, "help": "k drafted tokens per step"})

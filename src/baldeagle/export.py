@@ -26,6 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from baldeagle.config import ExportConfig
+from baldeagle.conventions import default_aux_layers
+from baldeagle.conventions import rope_parameters as rope_of
 from baldeagle.export_check import (
     ARCHITECTURES,
     EXPORT_INFO,
@@ -36,13 +38,12 @@ from baldeagle.export_check import (
     from_engine_aux_ids,
     legacy_rope,
     read_folder,
-    rope_of,
     to_engine_aux_ids,
 )
 from baldeagle.io import atomic_dir, provenance
 from baldeagle.model.checkpoint import build_draft, load_draft
 from baldeagle.model.draft_config import DraftConfig, check_fits_target
-from baldeagle.targets import DEFAULT_TARGET, default_aux_layers, resolve_model
+from baldeagle.targets import DEFAULT_TARGET, resolve_model
 
 FORMATS = ("sglang", "vllm", "speculators")
 SPECULATORS_SCHEMA = "0.9.0"  # the speculators release whose config schema this writes

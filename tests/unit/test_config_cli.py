@@ -131,3 +131,28 @@ def test_numeric_bounds_apply_to_yaml_files_and_allow_the_edges(tmp_path):
     assert cfg.max_steps == -1 and cfg.eval_fraction == 0
     _, cfg = parse_config(["eval", "top_p=1", "temperature=0", "limit=0"])
     assert cfg.top_p == 1 and cfg.limit == 0
+
+
+def test_quickstart_trains_with_the_packaged_config(tmp_path):
+    """The quickstart's training settings come from the file inside the package (what a wheel
+    installs), not from a checkout folder; TrainConfig's defaults would be 7 / 32000 / 1e-4 / 1."""
+    from pathlib import Path
+
+    import baldeagle
+    from baldeagle.config import QuickstartConfig
+    from baldeagle.quickstart import QUICKSTART_TRAIN, quickstart_train_config
+
+    assert QUICKSTART_TRAIN.is_relative_to(Path(baldeagle.__file__).parent)
+    cfg = quickstart_train_config(QuickstartConfig(out=str(tmp_path)))
+    assert (cfg.ttt_steps, cfg.draft_vocab_size, cfg.learning_rate, cfg.per_device_train_batch_size) == (
+        3, 8192, 1e-3, 4)
+    assert cfg.data == str(tmp_path / "prepared") and cfg.out == str(tmp_path / "train")
+
+
+def test_quickstart_without_its_config_is_an_error(tmp_path, monkeypatch):
+    import baldeagle.quickstart as quickstart
+    from baldeagle.config import QuickstartConfig
+
+    monkeypatch.setattr(quickstart, "QUICKSTART_TRAIN", tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="missing.yaml"):
+        quickstart.quickstart_train_config(QuickstartConfig(out=str(tmp_path)))

@@ -9,7 +9,8 @@ from baldeagle import cli
 from baldeagle.config import FeaturesConfig, PrepareConfig, RegenerateConfig
 from baldeagle.data import prepare, regenerate, store
 from baldeagle.io import OutputError, atomic_dir, atomic_write_json, ensure_writable, read_json
-from baldeagle.targets import default_aux_layers, resolve_model
+from baldeagle.conventions import default_aux_layers
+from baldeagle.targets import resolve_model
 
 
 def test_atomic_dir_publishes_only_complete_folders(tmp_path):

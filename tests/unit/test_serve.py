@@ -17,7 +17,7 @@ from baldeagle.serve import ServeBenchConfig, run_engine, run_serve_bench, summa
 FAKE_RUNNER = """
 import json, sys
 request = json.load(open(sys.argv[1]))
-turns = [t for conv in request["conversations"] for t in conv]
+turns = [m for conv in request["conversations"] for m in conv if m["role"] == "user"]  # one answer each
 spec = request["speculative_config"]
 result = {"outputs": [[5, 6, 7, 8] for _ in turns], "seconds": [0.5 if spec else 1.0 for _ in turns], "vllm": "fake",
           "metrics": {"num_drafts": 4, "num_draft_tokens": 12, "num_accepted_tokens": 6,
@@ -100,7 +100,30 @@ def test_serve_bench_writes_eval_keys(tiny_setup):
                                                        "num_speculative_tokens": 3}
     assert (exported / "config.json").is_file() and result["new_tokens"] == 12
     request = json.loads((tmp_path / "bench" / "speculative.request.json").read_text())
-    assert request["conversations"] == [["Hi", "More"], ["Bye"]] and request["dtype"] == "float32"
+    assert request["conversations"] == [
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None}, {"role": "user", "content": "More"}],
+        [{"role": "user", "content": "Bye"}]] and request["dtype"] == "float32"
+
+
+def test_serve_bench_renders_the_conversations_eval_renders(tiny_setup):
+    """A JSONL prompt file with a system message: the engine is asked for the very conversations
+    `baldeagle eval` renders (system message kept), turn by turn with its own answers."""
+    from baldeagle.data.prompts import conversation, load_prompt_set
+    from baldeagle.vllm_runner import converse
+
+    tmp_path, _, _ = tiny_setup
+    messages = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Salut"}, {"role": "user", "content": "More"}]
+    (tmp_path / "system.jsonl").write_text(json.dumps({"messages": messages}) + "\n")
+    run_serve_bench(ServeBenchConfig(model=str(tmp_path / "target"), draft=str(tmp_path / "draft"),
+                                     out=str(tmp_path / "bench"), prompts=str(tmp_path / "system.jsonl"),
+                                     first_turn_only=False, python=sys.executable))
+    (sent,) = json.loads((tmp_path / "bench" / "speculative.request.json").read_text())["conversations"]
+    asked = []  # what the runner renders for each turn, given the engine's answers A0, A1
+    converse(sent, lambda so_far: asked.append(so_far) or f"A{len(asked) - 1}")
+    (prompt,) = load_prompt_set(str(tmp_path / "system.jsonl"))
+    assert asked == [conversation(prompt, ["A0"], turn) for turn in (0, 1)]
+    assert asked[1][0] == {"role": "system", "content": "Answer in French."}
 
 
 def test_serve_bench_refusals(tiny_setup):

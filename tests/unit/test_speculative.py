@@ -13,13 +13,13 @@ from tiny_targets import tiny_draft, tiny_target, train_tiny_draft
 from baldeagle.decode.speculative import (
     SpecSettings,
     accept_sampling,
-    pack_linears,
     plain_generate,
     speculative_generate,
     target_probs,
 )
 from baldeagle.decode.tree import tree_from_parents
 from baldeagle.model.layers import build_mask
+from baldeagle.model.packed import pack_linears
 
 
 class PerfectDraft(torch.nn.Module):

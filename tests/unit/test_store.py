@@ -21,7 +21,7 @@ from baldeagle.data.store_layout import ShardPlan, plan_shards
 from baldeagle.data.store_reader import (
     FeatureStore, OfflineFeatures, StoreError, load_lm_head, shard_name, store_size,
 )
-from baldeagle.targets import default_aux_layers
+from baldeagle.conventions import default_aux_layers
 from baldeagle.train.collate import PadCollator
 
 

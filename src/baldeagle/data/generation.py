@@ -17,10 +17,9 @@ from dataclasses import dataclass
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from baldeagle.decode.speculative import pack_linears
+from baldeagle.conventions import pad_token_id, text_config, torch_dtype
+from baldeagle.model.packed import pack_linears
 from baldeagle.targets import load_target, load_tokenizer, resolve_model, stop_token_ids, target_stop_ids
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -64,13 +63,12 @@ class _EnoughRowsFinished(StoppingCriteria):
 class HFGenerator:
     def __init__(self, model: str, dtype: str = "float32", batch_size: int = 16, trust_remote_code: bool = False):
         self.tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
-        self.model = load_target(model, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        self.model = load_target(model, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
         pack_linears(self.model)  # CPU float32: a 32-row decoding step then costs little more than one row
         self.stop = stop_token_ids(self.model.generation_config, self.tokenizer)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop[0]
+        self.pad_id = pad_token_id(self.tokenizer.pad_token_id, self.stop)
         self.batch_size = batch_size
-        text_config = self.model.config.get_text_config()
-        self.context = int(getattr(text_config, "max_position_embeddings", 0) or 0)
+        self.context = int(getattr(text_config(self.model.config), "max_position_embeddings", 0) or 0)
 
     @torch.inference_mode()
     def __call__(self, prompts: list[list[int]], sampling: Sampling) -> list[Completion]:
@@ -139,8 +137,7 @@ class VLLMGenerator:
 
 def make_generator(backend: str, model: str, dtype: str, batch_size: int, tensor_parallel_size: int,
                    trust_remote_code: bool, seed: int = 0):
-    if dtype not in DTYPES:
-        raise ValueError(f"target_dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    torch_dtype(dtype)  # an unknown name fails here, before anything loads
     if backend == "hf":
         return HFGenerator(model, dtype, batch_size, trust_remote_code)
     if backend == "vllm":

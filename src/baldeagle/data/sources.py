@@ -20,8 +20,8 @@ questions (`reference_answer/gpt-4.jsonl`) and short `reference` answers inside 
 reference, and stops a conversation before its first unanswered turn: 39 of the 80 rows carry
 assistant turns (35 both turns, 4 the first only); the other 41 are a lone user turn, which
 `prepare` skips as no_assistant_turn (answer them with the target first to train on all 80).
-`load_prompts` returns the user turns of every row (all 80 × 2 for MT-bench) for evaluation and
-regeneration.
+Evaluation prompts (MT-bench's questions or a JSONL file, system message kept) are read by
+`baldeagle.data.prompts`, one reader for `eval`, `score` and `serve-bench`.
 
 A local file that is empty is an error naming it. A JSONL line that is not a JSON object (a
 syntax error, a line cut short, a bare string) does not reject the file: it becomes a row with
@@ -39,7 +39,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from baldeagle.targets import package_folder
+from baldeagle.io import package_folder
 
 PRESETS = {
     "ultrachat": {"path": "HuggingFaceH4/ultrachat_200k", "split": "train_sft"},
@@ -347,29 +347,3 @@ def load_conversations(
         convert, with_indices=True, remove_columns=raw.column_names, features=MESSAGE_FEATURES,
         load_from_cache_file=False, desc="Reading conversations",
     )
-
-
-def load_prompts(name: str, split: str = "", limit: int = 0, shuffle: bool = False, seed: int = 0) -> list[list[str]]:
-    """The user turns of each conversation, for evaluation and regeneration.
-
-    MT-bench gives all 80 × 2 questions; a file or hub table with a `turns` column (lists of
-    user strings, MT-bench's own form) is read as is; any other source gives the user messages
-    of its conversations.
-    """
-    if name == "mtbench":
-        questions = load_mtbench_questions()
-        questions = questions if shuffle else mtbench_subset(questions, limit)  # as `baldeagle eval` picks them
-        table = datasets.Dataset.from_dict({"turns": [q["turns"] for q in questions]})
-    elif name in PACKAGED:
-        table = None
-    else:
-        raw, _, bad = _load_raw(name, split)
-        table = raw.select_columns(["turns"]) if "turns" in raw.column_names else None
-        if table is not None and bad:  # malformed lines hold no prompt
-            table = table.select([k for k in range(len(table)) if k not in bad])
-    if table is None:
-        conversations = load_conversations(name, split, limit, shuffle, seed)
-        rows = conversations["messages"]
-        return [[m["content"] for m in row if m["role"] == "user" and m["content"]] for row in rows]
-    table, _ = _select(table, limit, shuffle, seed)
-    return [[t for t in turns if isinstance(t, str)] for turns in table["turns"]]

@@ -38,7 +38,8 @@ from baldeagle.data.store_reader import (
     shard_name, store_fields, target_identity, tensor_sha256,
 )
 from baldeagle.io import atomic_write_text, ensure_writable, provenance
-from baldeagle.targets import default_aux_layers, load_target, load_tokenizer, num_layers, resolve_model
+from baldeagle.conventions import default_aux_layers, num_layers
+from baldeagle.targets import load_target, load_tokenizer, resolve_model
 
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from baldeagle.data.store_reader import DTYPES, SHARD_METADATA_KEY, bytes_per_token, shard_name
+from baldeagle.data.store_reader import FIELD_DTYPES, SHARD_METADATA_KEY, bytes_per_token, shard_name
 
 # --------------------------------------------------------------------------------------------
 # The plan
@@ -77,7 +77,7 @@ def shard_header(plan: ShardPlan, fields: dict, store_key: str) -> tuple[bytes, 
     """The safetensors header of a shard (deterministic) and each field's data offset."""
     tensors, starts, offset = {}, {}, 0
     for name, spec in fields.items():
-        code, _, size = DTYPES[spec["dtype"]]
+        code, _, size = FIELD_DTYPES[spec["dtype"]]
         shape = [plan.tokens, spec["width"]] if spec["width"] else [plan.tokens]
         nbytes = plan.tokens * max(spec["width"], 1) * size
         tensors[name] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + nbytes]}
@@ -184,7 +184,7 @@ def write_shard(tmp: Path, final: Path, plan: ShardPlan, fields: dict, store_key
             tensors = compute(plan.rows[start:end])
             writes = []
             for name, spec in fields.items():
-                row_bytes = DTYPES[spec["dtype"]][2] * max(spec["width"], 1)
+                row_bytes = FIELD_DTYPES[spec["dtype"]][2] * max(spec["width"], 1)
                 writes.append((len(header) + starts[name] + offsets[start] * row_bytes, tensors[name]))
             io(_write_at, handle, writes)
             if progress is not None:

@@ -27,13 +27,14 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from baldeagle.conventions import num_layers, text_config
 from baldeagle.data.features import TargetFeatures, TargetLogits
 
 FORMAT = "baldeagle-feature-store"
 VERSION = 1
 MANIFEST = "manifest.json"
 SHARD_METADATA_KEY = "baldeagle_shard"
-DTYPES = {"bfloat16": ("BF16", torch.bfloat16, 2), "int32": ("I32", torch.int32, 4)}
+FIELD_DTYPES = {"bfloat16": ("BF16", torch.bfloat16, 2), "int32": ("I32", torch.int32, 4)}
 
 
 class StoreError(ValueError):
@@ -57,7 +58,7 @@ def store_fields(draft_type: str, hidden_size: int, num_aux: int) -> dict[str, d
 
 
 def bytes_per_token(fields: dict[str, dict]) -> int:
-    return sum(DTYPES[f["dtype"]][2] * max(f["width"], 1) for f in fields.values())
+    return sum(FIELD_DTYPES[f["dtype"]][2] * max(f["width"], 1) for f in fields.values())
 
 
 def file_sha256(path: Path) -> str:
@@ -82,9 +83,7 @@ def read_shard_info(path: Path) -> dict:
 
 def target_identity(config) -> dict:
     """What must match between a store and the target that reads it (from a Transformers config)."""
-    from baldeagle.targets import num_layers
-
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     return {
         "model_type": text.model_type,
         "vocab_size": int(text.vocab_size),
@@ -212,10 +211,10 @@ class FeatureStore:
             raise StoreError(f"feature store shard {file} is corrupted ({error})") from None
         for name, spec in self.fields.items():
             want = [tokens, spec["width"]] if spec["width"] else [tokens]
-            if name not in names or list(shapes[name]) != want or dtypes[name] != DTYPES[spec["dtype"]][0]:
+            if name not in names or list(shapes[name]) != want or dtypes[name] != FIELD_DTYPES[spec["dtype"]][0]:
                 raise StoreError(
                     f"feature store shard {file} is corrupted: tensor {name} is "
-                    f"{dtypes.get(name)} {shapes.get(name)}, expected {DTYPES[spec['dtype']][0]} {want}"
+                    f"{dtypes.get(name)} {shapes.get(name)}, expected {FIELD_DTYPES[spec['dtype']][0]} {want}"
                 )
         self._handles[shard] = handle
 

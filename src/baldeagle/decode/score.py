@@ -11,29 +11,26 @@ from __future__ import annotations
 from pathlib import Path
 
 from baldeagle.config import ScoreConfig, to_dict, write_resolved
+from baldeagle.conventions import torch_dtype
 from baldeagle.decode.yardstick import MAX_CHAIN, YardstickSettings, build_yardstick
 
 
 def check_settings(cfg: ScoreConfig) -> None:
-    from baldeagle.data.generation import DTYPES
-
     if not 1 <= cfg.num_draft_tokens <= MAX_CHAIN:
         raise ValueError(f"num_draft_tokens must be in 1..{MAX_CHAIN}, got {cfg.num_draft_tokens}")
     if cfg.max_new_tokens < 2:
         raise ValueError(f"max_new_tokens must be at least 2, got {cfg.max_new_tokens}")
-    if cfg.target_dtype not in DTYPES:
-        raise ValueError(f"target_dtype must be one of {sorted(DTYPES)}, got {cfg.target_dtype!r}")
+    torch_dtype(cfg.target_dtype)
 
 
 def run_score(cfg: ScoreConfig) -> dict:
-    from baldeagle.data.generation import DTYPES
     from baldeagle.decode.bench import check_compatible
     from baldeagle.io import atomic_write_json, provenance
     from baldeagle.model.checkpoint import load_draft
     from baldeagle.targets import load_target, load_tokenizer
 
     check_settings(cfg)
-    dtype = DTYPES[cfg.target_dtype]
+    dtype = torch_dtype(cfg.target_dtype)
     draft = load_draft(cfg.draft, dtype=dtype).eval()
     target = load_target(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     warnings = check_compatible(target, load_tokenizer(cfg.model, cfg.trust_remote_code), draft, cfg.model)

@@ -105,43 +105,6 @@ class BufferLayer(DynamicLayer):
         return self.keys, self.values
 
 
-class PackedLinear(torch.nn.Module):
-    """nn.Linear for CPU float32 decoding: MKL's GEMV for one row, oneDNN with a pre-packed weight for more.
-
-    MKL's float32 GEMM re-packs the weight on every call, so a forward over 2-24 tokens (verification)
-    costs 1.5-2.5x a one-token forward; with the weight packed once, oneDNN makes it nearly the cost of
-    one token, which is what speculative decoding relies on. The original weight is kept for the GEMV.
-    """
-
-    def __init__(self, linear: torch.nn.Linear):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, linear.bias
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == x.shape[-1]:  # a single row
-            return torch.nn.functional.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-
-
-def pack_linears(model: torch.nn.Module) -> bool:
-    """Swap a float32 CPU model's nn.Linear layers for `PackedLinear` in place; False if not applicable."""
-    params = list(model.parameters())
-    if not params or params[0].device.type != "cpu" or params[0].dtype != torch.float32:
-        return False  # bfloat16 linears already run through oneDNN
-    if not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        for module in list(model.modules()):
-            for name, child in list(module.named_children()):
-                if type(child) is torch.nn.Linear:
-                    setattr(module, name, PackedLinear(child))
-    except (RuntimeError, AttributeError):  # an older torch without these oneDNN ops
-        return False
-    return True
-
-
 def new_target_cache(target) -> Cache:
     """A cache for full-attention targets (sliding-window or linear-attention layers are refused)."""
     kinds = {type(layer) for layer in DynamicCache(config=target.config).layers}

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from baldeagle.conventions import text_config, torch_dtype
 from baldeagle.targets import cache_root
 
 LOOKAHEAD = 8  # answers run this many tokens past max_new_tokens, so a last chain is checked in full
@@ -225,7 +226,8 @@ def metrics_for_log(result: dict, prefix: str) -> dict[str, float]:
 
 def render_prompts(tokenizer, name: str, limit: int, context: int, max_new_tokens: int):
     """First turns of a prompt set, rendered with the chat template → [(id, category, ids)], skipped."""
-    from baldeagle.decode.bench import load_prompt_set, render
+    from baldeagle.data.prompts import load_prompt_set
+    from baldeagle.decode.bench import render
 
     if not tokenizer.chat_template:
         raise ValueError("the target's tokenizer has no chat template to render prompts with")
@@ -281,13 +283,13 @@ def build_yardstick(model: str, draft_config, settings: YardstickSettings, targe
     miss), then the target's features for them. `target`, if given, computes the features."""
     from transformers import AutoConfig
 
-    from baldeagle.data.generation import DTYPES, HFGenerator
+    from baldeagle.data.generation import HFGenerator
     from baldeagle.targets import load_target, load_tokenizer, resolve_model, target_stop_ids
 
     path = resolve_model(model)
     tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
-    text_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).get_text_config()
-    context = int(getattr(text_config, "max_position_embeddings", 0) or 0)
+    text = text_config(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code))
+    context = int(getattr(text, "max_position_embeddings", 0) or 0)
     prompts, skipped = render_prompts(tokenizer, settings.prompts, settings.limit, context, settings.max_new_tokens)
     stop = target_stop_ids(path, tokenizer)
     meta = answers_meta(path, tokenizer, prompts, settings.max_new_tokens, stop, settings.dtype)
@@ -300,7 +302,7 @@ def build_yardstick(model: str, draft_config, settings: YardstickSettings, targe
         write_answers(folder, meta, answers)
         target = target if target is not None else generator.model
     if target is None:
-        target = load_target(model, DTYPES[settings.dtype], trust_remote_code)
+        target = load_target(model, torch_dtype(settings.dtype), trust_remote_code)
     features = answer_features(target, answers, draft_config.draft_type, list(draft_config.aux_layer_ids))
     stick = Yardstick(answers, features, settings.max_new_tokens, stop)
     stick.skipped_prompts, stick.folder = skipped, folder

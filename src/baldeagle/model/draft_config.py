@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from baldeagle.targets import default_aux_layers
+from baldeagle.conventions import default_aux_layers, rope_parameters, text_config
 
 CONFIG_NAME = "draft_config.json"
 DRAFT_TYPES = ("eagle1", "eagle3")
@@ -56,29 +56,18 @@ class DraftConfig:
     target_architecture: str = ""  # e.g. "LlamaForCausalLM"
 
 
-def _rope_parameters(text_config) -> dict:
-    rope = getattr(text_config, "rope_parameters", None)
-    if rope is None:  # older configs: rope_theta / rope_scaling attributes
-        rope = dict(getattr(text_config, "rope_scaling", None) or {})
-        rope.setdefault("rope_type", rope.pop("type", "default"))
-        rope["rope_theta"] = float(getattr(text_config, "rope_theta", 10000.0))
-    elif "full_attention" in rope:  # per-layer-type RoPE (e.g. Gemma 3): the full-attention one
-        rope = rope["full_attention"]
-    return dict(rope)
-
-
-def _dtype_name(text_config) -> str:
-    name = "dtype" if hasattr(text_config, "dtype") else "torch_dtype"  # transformers 5 / 4
-    dtype = getattr(text_config, name, None)
+def _dtype_name(text) -> str:
+    name = "dtype" if hasattr(text, "dtype") else "torch_dtype"  # transformers 5 / 4
+    dtype = getattr(text, name, None)
     if dtype is None:
         return "float32"
     return str(dtype).removeprefix("torch.")
 
 
-def _attention_bias(text_config) -> bool:
-    if getattr(text_config, "model_type", "") in QKV_BIAS_FAMILIES:
+def _attention_bias(text) -> bool:
+    if getattr(text, "model_type", "") in QKV_BIAS_FAMILIES:
         return True
-    return bool(getattr(text_config, "attention_bias", False))
+    return bool(getattr(text, "attention_bias", False))
 
 
 def check_aux_layer_ids(aux_layer_ids: list[int], num_layers: int, draft_type: str) -> list[int]:
@@ -101,7 +90,7 @@ def draft_config_from_target(
     """A draft config that follows `target_config` (a Transformers config of a causal LM)."""
     if draft_type not in DRAFT_TYPES:
         raise ValueError(f"draft_type must be one of {DRAFT_TYPES}, got {draft_type!r}")
-    text = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
+    text = text_config(target_config)
     layers = int(text.num_hidden_layers)
     vocab = int(text.vocab_size)
     if aux_layer_ids is None:
@@ -115,7 +104,7 @@ def draft_config_from_target(
         num_key_value_heads=int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads),
         head_dim=int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads),
         rms_norm_eps=float(text.rms_norm_eps),
-        rope_parameters=_rope_parameters(text),
+        rope_parameters=rope_parameters(text),
         max_position_embeddings=int(text.max_position_embeddings),
         vocab_size=vocab,
         draft_vocab_size=min(int(draft_vocab_size), vocab) if draft_type == "eagle3" else vocab,
@@ -168,12 +157,8 @@ def check_fits_target(cfg: DraftConfig, target_config, where: str) -> None:
     """One clear error when the draft `cfg` (from `where`) was made for another target.
 
     target_config: a Transformers config, or a config.json as a dict."""
-    if isinstance(target_config, dict):
-        text = target_config.get("text_config") or target_config
-        value = text.get
-    else:
-        text = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
-        value = lambda key: getattr(text, key, None)  # noqa: E731
+    text = text_config(target_config)
+    value = text.get if isinstance(text, dict) else lambda key: getattr(text, key, None)  # noqa: E731
     for what, ours, theirs in FOLLOWED_SIZES:
         if value(theirs) is not None and getattr(cfg, ours) != value(theirs):
             raise ValueError(f"{where} was made for another target: {what} {getattr(cfg, ours)}, "

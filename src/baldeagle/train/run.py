@@ -21,6 +21,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from baldeagle.config import ConfigError, TrainConfig, write_resolved
+from baldeagle.conventions import pad_token_id, torch_dtype
 from baldeagle.data.features import OnlineFeatures
 from baldeagle.data.prepare import load_prepared
 from baldeagle.io import (atomic_dir, atomic_write_json, check_safetensors, check_torch_file, provenance, read_json,
@@ -28,12 +29,11 @@ from baldeagle.io import (atomic_dir, atomic_write_json, check_safetensors, chec
 from baldeagle.model.checkpoint import WEIGHTS_NAME, load_draft, save_draft
 from baldeagle.model.draft_config import CONFIG_NAME, draft_config_from_target
 from baldeagle.model.vocab import build_draft_vocab, count_trained_tokens
-from baldeagle.targets import load_target
+from baldeagle.targets import load_target, stop_token_ids
 from baldeagle.train.collate import PadCollator, add_length_column
 from baldeagle.train.objective import DraftObjective
 from baldeagle.train.trainer import EagleTrainer, TimeBudget
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CHECKPOINT_FILES = (CONFIG_NAME, WEIGHTS_NAME, TRAINER_STATE_NAME)  # the Trainer writes its state last
 BEFORE_NAME = "eval_before_training.json"  # the untrained draft's held-out metrics, kept for --resume
 logger = logging.getLogger(__name__)
@@ -46,8 +46,7 @@ def check_settings(cfg: TrainConfig) -> None:
         raise ConfigError(f"mode must be online or offline, got {cfg.mode!r}")
     if cfg.mode == "offline" and not cfg.features:
         raise ConfigError("mode=offline needs features=DIR (a store written by baldeagle features)")
-    if cfg.target_dtype not in DTYPES:
-        raise ConfigError(f"target_dtype must be one of {sorted(DTYPES)}, got {cfg.target_dtype!r}")
+    torch_dtype(cfg.target_dtype)  # a ConfigError for an unknown name
     if not 0 < cfg.ttt_step_weight <= 1:
         raise ConfigError(f"ttt_step_weight must be in (0, 1], got {cfg.ttt_step_weight}")
     if cfg.ttt_steps < 1:
@@ -233,9 +232,9 @@ def run_train(cfg: TrainConfig) -> dict:
     check_settings(cfg)
     checkpoint = resume_checkpoint(cfg)
     dataset, stats = load_prepared(cfg.data)
-    target = load_target(cfg.model, DTYPES[cfg.target_dtype], cfg.trust_remote_code)
+    target = load_target(cfg.model, torch_dtype(cfg.target_dtype), cfg.trust_remote_code)
     check_target_fits(dataset, stats, target, cfg.data)
-    pad = target.config.pad_token_id if target.config.pad_token_id is not None else 0
+    pad = pad_token_id(target.config.pad_token_id, stop_token_ids(target.generation_config))
     store = open_store(cfg, target) if cfg.mode == "offline" else None
     train_rows, eval_rows = split_rows(dataset, cfg, store.row_indices if store else None)
     set_seed(cfg.seed)  # the draft's initial weights are the same in every process and every run
