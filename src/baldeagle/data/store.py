@@ -37,13 +37,14 @@ from baldeagle.data.store_reader import (
     FORMAT, MANIFEST, VERSION, StoreError, bytes_per_token, file_sha256, load_lm_head, read_shard_info,
     shard_name, store_fields, target_identity, tensor_sha256,
 )
+from baldeagle.errors import BaldEagleError
 from baldeagle.io import atomic_write_text, ensure_writable, provenance
 from baldeagle.targets import default_aux_layers, load_target, load_tokenizer, num_layers, resolve_model
 
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class DiskSpaceError(ValueError):
+class DiskSpaceError(BaldEagleError):
     """The store would not fit on the disk (pass --force to write anyway)."""
 
 

@@ -28,6 +28,7 @@ from safetensors import safe_open
 from torch import nn
 
 from baldeagle.data.features import TargetFeatures, TargetLogits
+from baldeagle.errors import BaldEagleError
 
 FORMAT = "baldeagle-feature-store"
 VERSION = 1
@@ -36,7 +37,7 @@ SHARD_METADATA_KEY = "baldeagle_shard"
 DTYPES = {"bfloat16": ("BF16", torch.bfloat16, 2), "int32": ("I32", torch.int32, 4)}
 
 
-class StoreError(ValueError):
+class StoreError(BaldEagleError):
     """A feature store that is incomplete, corrupted, or written for something else."""
 
 
