@@ -236,10 +236,6 @@ class FeatureStore:
         """Prepared-row indices held by the store (a --limit / --max-bytes store holds a subset)."""
         return sorted(self._where)
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(entry["tokens"] for entry in self.manifest["shards"])
-
     def __len__(self) -> int:
         return len(self._where)
 

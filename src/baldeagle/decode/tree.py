@@ -74,12 +74,6 @@ def tree_from_parents(tokens: torch.Tensor, parents: torch.Tensor, scores: torch
     return Tree(tokens, parents, depths, ancestors, scores)
 
 
-def chain(tokens: torch.Tensor) -> Tree:
-    """A static chain of k draft tokens as a tree: node i's parent is node i-1."""
-    k = tokens.shape[0]
-    return tree_from_parents(tokens, torch.arange(-1, k - 1, device=tokens.device))
-
-
 # Expand the frontier: (tokens [k] target ids, parent_rows [k] (-1 = root), depth d, row_mask [k, R])
 # → draft log-probabilities of their children [k, V_draft]. `row_mask` says which of the R draft
 # rows of this tree so far (previous frontiers, then these k) each new row may attend to.

@@ -167,9 +167,6 @@ class TTTOutput:
     hidden: list[torch.Tensor] | None = None  # per step: draft outputs [B, T, H], 0 where not run (return_hidden)
     ran: list[torch.Tensor] | None = None  # per step: [B, T] bool, the rows that step ran on (return_hidden)
 
-    def accuracies(self) -> list[float]:
-        return [float(c) / max(float(n), 1.0) for c, n in zip(self.correct, self.count)]
-
 
 def ttt_forward(
     draft,
