@@ -1,4 +1,4 @@
-"""Draft trees: a static chain (a degenerate tree) and EAGLE-2 dynamic trees.
+"""Draft trees: EAGLE-2 dynamic trees, and the chain as a tree with one child per node (topk 1).
 
 A tree hangs below a *root*: the last committed token, which the target has not seen yet. Its N
 draft nodes are stored in depth order (a parent always precedes its children), so "row" 0 is the
