@@ -5,9 +5,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny_targets import draft_features, target_outputs, tiny_draft, tiny_target
-
 from test_losses import eagle3_step_loss
+from tiny_targets import draft_features, target_outputs, tiny_draft, tiny_target
 
 from baldeagle.model.layers import DraftCache
 from baldeagle.train.losses import eagle1_loss
