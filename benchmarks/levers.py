@@ -1,6 +1,6 @@
 """Levers on draft quality, judged on the yardstick at equal training wall clock, side by side.
 
-Each variant is the quickstart's training (configs/quickstart.yaml plus the quickstart's own
+Each variant is the quickstart's training (src/baldeagle/configs/quickstart.yaml plus the quickstart's own
 overrides: constant LR after 20 warm-up steps, the clock ends training) with `key=value` changes,
 e.g. another prepared dataset or draft vocabulary. Variants run --parallel at a time, each on
 --threads CPU threads, so the ones compared in one round share the machine equally; each trains

@@ -37,7 +37,7 @@ def main() -> None:
     from baldeagle.model.eagle3 import Eagle3Draft
     from baldeagle.model.vocab import build_draft_vocab
     from baldeagle.targets import load_target
-    from baldeagle.train.ttt import shift_left, ttt_forward
+    from baldeagle.train.ttt import StepRows, scored_positions, shift_left, ttt_forward, ttt_loss, ttt_unroll
 
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -78,8 +78,14 @@ def main() -> None:
         b_idx, p_idx = shift_left(m, 1).bool().nonzero(as_tuple=True)
         logits = Logits(target_out.logits[b_idx, p_idx])
         marks.append((time.process_time(), time.perf_counter()))
-        extra = {"all_rows": True} if args.all_rows else {}
-        out = ttt_forward(draft, x, target_out.features, logits, m, steps=args.ttt_steps, attention_mask=real, **extra)
+        if args.all_rows:  # the plain unroll: every row at every step
+            every, trained = real.bool(), scored_positions(m, real)
+            runs = [StepRows.where(every)] * args.ttt_steps
+            positions = torch.arange(x.shape[1]).expand_as(x)
+            outputs = ttt_unroll(draft, x, target_out.features, runs, every, positions)
+            out = ttt_loss(draft, outputs, runs, trained, every, logits)
+        else:
+            out = ttt_forward(draft, x, target_out.features, logits, m, steps=args.ttt_steps, attention_mask=real)
         marks.append((time.process_time(), time.perf_counter()))
         out.loss.backward()
         marks.append((time.process_time(), time.perf_counter()))

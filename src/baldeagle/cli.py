@@ -93,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stage, cfg = parse_config(argv)
         run_stage(stage, cfg)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, RuntimeError) as error:
+    # A user's mistake is one line and exit status 2; anything else (a RuntimeError from torch,
+    # a bug) propagates with its traceback.
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"baldeagle: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -16,8 +16,10 @@ from typing import Any
 
 import yaml
 
+from baldeagle.errors import BaldEagleError
 
-class ConfigError(ValueError):
+
+class ConfigError(BaldEagleError):
     """A configuration problem a user can fix; the message names the key and its source."""
 
 

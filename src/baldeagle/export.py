@@ -185,50 +185,48 @@ def exported_config(cfg: DraftConfig, fmt: str, dtype: str, max_positions: int, 
     return config
 
 
-def export_draft(draft, out: str | Path, fmt: str, target: str = "", target_config=None, dtype: str = "",
-                 embeddings: bool = False, overwrite: bool = False, num_speculative_tokens: int = 3) -> Path:
-    """Write `draft` to `out` in format `fmt`; returns the folder. Raises ValueError on refusal."""
-    cfg = draft.config
+def _check_request(cfg: DraftConfig, fmt: str, target: str, dtype: str, out: Path, overwrite: bool) -> None:
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     if fmt == "speculators" and cfg.draft_type != "eagle3":
         raise ValueError("the speculators format holds EAGLE-3 drafts only; export EAGLE-1 as sglang or vllm")
-    target = target or cfg.target_model
     if not target:
         raise ValueError("the draft records no target model (draft_config.json target_model is empty): "
                          "pass --model with the target it was trained for")
     if dtype and dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
-    out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
 
-    target_layers = cfg.target_num_layers
-    target_positions = None
-    if target_config is not None:
-        text = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
-        target_layers, target_positions = int(text.num_hidden_layers), int(text.max_position_embeddings)
-        check_fits_target(cfg, text, f"the draft exported for {target}")
-    max_positions = max(cfg.max_position_embeddings, target_positions or 0)
 
-    aux_order, engine_ids = None, []
-    if cfg.draft_type == "eagle3":
-        _check_vocab(draft)
-        ids = list(cfg.aux_layer_ids)
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"aux layer ids {ids} repeat a layer: engines capture each layer once")
-        if max(ids) >= target_layers:
-            raise ValueError(f"aux layer id {max(ids)} is the target's final (normed) output, which no engine "
-                             "captures as an aux hidden state")
-        aux_order = sorted(range(len(ids)), key=ids.__getitem__)  # engines concatenate in layer order
-        engine_ids = to_engine_aux_ids([ids[i] for i in aux_order], "sglang" if fmt == "sglang" else "vllm")
+def _target_shape(cfg: DraftConfig, target_config, target: str) -> tuple[int, int | None]:
+    """(the target's layer count, its max_position_embeddings or None), checked against the draft."""
+    if target_config is None:
+        return cfg.target_num_layers, None
+    text = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
+    check_fits_target(cfg, text, f"the draft exported for {target}")
+    return int(text.num_hidden_layers), int(text.max_position_embeddings)
 
-    tensors = exported_tensors(draft, fmt, embeddings, aux_order)
-    weight_dtype = getattr(torch, dtype) if dtype else draft.fc.weight.dtype
-    tensors = {k: (v.to(weight_dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
-    dtype_name = str(weight_dtype).removeprefix("torch.")
-    config = exported_config(cfg, fmt, dtype_name, max_positions, target, engine_ids, num_speculative_tokens)
-    info = {
+
+def _engine_aux(draft, fmt: str, target_layers: int) -> tuple[list[int] | None, list[int]]:
+    """EAGLE-3: (the order of fc's column blocks by layer, the aux ids in the engine's convention)."""
+    if draft.config.draft_type != "eagle3":
+        return None, []
+    _check_vocab(draft)
+    ids = list(draft.config.aux_layer_ids)
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"aux layer ids {ids} repeat a layer: engines capture each layer once")
+    if max(ids) >= target_layers:
+        raise ValueError(f"aux layer id {max(ids)} is the target's final (normed) output, which no engine "
+                         "captures as an aux hidden state")
+    aux_order = sorted(range(len(ids)), key=ids.__getitem__)  # engines concatenate in layer order
+    return aux_order, to_engine_aux_ids([ids[i] for i in aux_order], "sglang" if fmt == "sglang" else "vllm")
+
+
+def _export_info(draft, fmt: str, target: str, target_layers: int, target_positions, engine_ids, tensors) -> dict:
+    """export_info.json: what the folder holds and the conventions it was written in."""
+    cfg = draft.config
+    return {
         "format": fmt,
         "draft_type": cfg.draft_type,
         "target_model": target,
@@ -243,6 +241,24 @@ def export_draft(draft, out: str | Path, fmt: str, target: str = "", target_conf
         "draft_config": dataclasses.asdict(cfg),
         "provenance": provenance(),
     }
+
+
+def export_draft(draft, out: str | Path, fmt: str, target: str = "", target_config=None, dtype: str = "",
+                 embeddings: bool = False, overwrite: bool = False, num_speculative_tokens: int = 3) -> Path:
+    """Write `draft` to `out` in format `fmt`; returns the folder. Raises ValueError on refusal."""
+    cfg, out = draft.config, Path(out)
+    target = target or cfg.target_model
+    _check_request(cfg, fmt, target, dtype, out, overwrite)
+    target_layers, target_positions = _target_shape(cfg, target_config, target)
+    max_positions = max(cfg.max_position_embeddings, target_positions or 0)
+    aux_order, engine_ids = _engine_aux(draft, fmt, target_layers)
+
+    tensors = exported_tensors(draft, fmt, embeddings, aux_order)
+    weight_dtype = getattr(torch, dtype) if dtype else draft.fc.weight.dtype
+    tensors = {k: (v.to(weight_dtype) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
+    dtype_name = str(weight_dtype).removeprefix("torch.")
+    config = exported_config(cfg, fmt, dtype_name, max_positions, target, engine_ids, num_speculative_tokens)
+    info = _export_info(draft, fmt, target, target_layers, target_positions, engine_ids, tensors)
     with atomic_dir(out, overwrite=out.exists()) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
@@ -308,23 +324,38 @@ def load_exported(folder: str | Path, target=None, device: str | torch.device = 
     folder = Path(folder)
     config, info, _ = read_folder(folder)
     described = describe(config, info)
-    kind, layer = described["kind"], described["layer"]
+    kind = described["kind"]
     if kind not in ("eagle1", "eagle3"):
         raise ValueError(f"{folder} holds no EAGLE draft an engine loads")
     _refuse_other_layouts(folder, config)
     target_name = info.get("target_model") or ((config.get("speculators_config") or {}).get("verifier") or {}).get("name_or_path", "")
-    layers = info.get("target_num_layers")
-    if not layers:
-        target_config = getattr(target, "config", None) or target_config_or_none(target if isinstance(target, str) else target_name)
-        if target_config is None:
-            raise ValueError(f"{folder}: the target's layer count is unknown; pass the target")
-        layers = target_config.get_text_config().num_hidden_layers
+    layers = info.get("target_num_layers") or _target_layers(folder, target, target_name)
     engine_ids = described["aux_ids"]
     aux = (from_engine_aux_ids(engine_ids, described["convention"]) if engine_ids else default_aux_layers(layers)) \
         if kind == "eagle3" else [layers]
+    cfg = _loaded_config(kind, described["layer"], config, info.get("draft_config", {}), aux, layers, target_name)
+    state = load_file(str(folder / WEIGHTS))
+    state = {("midlayer." + k[len("layers.0."):] if kind == "eagle3" and k.startswith("layers.0.") else k): v
+             for k, v in state.items()}
+    _complete_state(state, cfg, (target or target_name) if target is None or isinstance(target, str) else target)
+    draft = build_draft(cfg)
+    draft.load_state_dict(state, strict=True)
+    draft.freeze_target_copies()
+    return draft.to(device=device, dtype=state["fc.weight"].dtype)
+
+
+def _target_layers(folder: Path, target, target_name: str) -> int:
+    """The target's layer count from the target given (a model or a name) or the one recorded."""
+    target_config = getattr(target, "config", None) or target_config_or_none(target if isinstance(target, str) else target_name)
+    if target_config is None:
+        raise ValueError(f"{folder}: the target's layer count is unknown; pass the target")
+    return target_config.get_text_config().num_hidden_layers
+
+
+def _loaded_config(kind: str, layer: dict, config: dict, recorded: dict, aux, layers, target_name: str) -> DraftConfig:
+    """The DraftConfig of an exported folder: its layer fields, the draft vocab, the target's shape."""
     vocab = int(layer["vocab_size"])
-    recorded = info.get("draft_config", {})
-    cfg = DraftConfig(
+    return DraftConfig(
         draft_type=kind, hidden_size=int(layer["hidden_size"]), intermediate_size=int(layer["intermediate_size"]),
         num_attention_heads=int(layer["num_attention_heads"]), num_key_value_heads=int(layer["num_key_value_heads"]),
         head_dim=int(layer.get("head_dim") or layer["hidden_size"] // layer["num_attention_heads"]),
@@ -339,31 +370,30 @@ def load_exported(folder: str | Path, target=None, device: str | torch.device = 
         torch_dtype=str(layer.get("torch_dtype") or config.get("dtype") or "float32"),
         target_model=target_name, target_architecture=recorded.get("target_architecture", ""),
     )
-    state = load_file(str(folder / WEIGHTS))
-    state = {("midlayer." + k[len("layers.0."):] if kind == "eagle3" and k.startswith("layers.0.") else k): v
-             for k, v in state.items()}
-    dtype = state["fc.weight"].dtype
+
+
+def _complete_state(state: dict, cfg: DraftConfig, target) -> None:
+    """Add in place what an engine's folder may leave out: the identity vocab mapping, vLLM's folded
+    fc.bias (zero), and the embedding (and EAGLE-1's LM head) from `target` (a model or a name)."""
+    kind, dtype = cfg.draft_type, state["fc.weight"].dtype
     if kind == "eagle3" and "d2t" not in state:  # full vocabulary: the identity mapping
         state["d2t"] = torch.zeros(cfg.draft_vocab_size, dtype=torch.long)
     if kind == "eagle3" and "t2d" not in state:
-        state["t2d"] = torch.zeros(vocab, dtype=torch.bool)
+        state["t2d"] = torch.zeros(cfg.vocab_size, dtype=torch.bool)
         state["t2d"][torch.arange(cfg.draft_vocab_size) + state["d2t"]] = True
     if kind == "eagle1" and "fc.bias" not in state:  # vLLM: folded into the embedding
         state["fc.bias"] = torch.zeros(cfg.hidden_size, dtype=dtype)
     needs = ["embed_tokens.weight"] + (["lm_head.weight"] if kind == "eagle1" else [])
-    if any(name not in state for name in needs):
-        if target is None or isinstance(target, str):
-            from baldeagle.targets import load_target
+    if all(name in state for name in needs):
+        return
+    if isinstance(target, str):
+        from baldeagle.targets import load_target
 
-            target = load_target(target or target_name)
-        if "embed_tokens.weight" not in state:
-            state["embed_tokens.weight"] = target.get_input_embeddings().weight.detach().to("cpu", dtype)
-        if kind == "eagle1" and "lm_head.weight" not in state:
-            state["lm_head.weight"] = target.get_output_embeddings().weight.detach().to("cpu", dtype)
-    draft = build_draft(cfg)
-    draft.load_state_dict(state, strict=True)
-    draft.freeze_target_copies()
-    return draft.to(device=device, dtype=dtype)
+        target = load_target(target)
+    if "embed_tokens.weight" not in state:
+        state["embed_tokens.weight"] = target.get_input_embeddings().weight.detach().to("cpu", dtype)
+    if kind == "eagle1" and "lm_head.weight" not in state:
+        state["lm_head.weight"] = target.get_output_embeddings().weight.detach().to("cpu", dtype)
 
 
 # ------------------------------------------------------------------------------------------

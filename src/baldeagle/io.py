@@ -21,6 +21,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
+from baldeagle.errors import BaldEagleError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -47,7 +49,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return path
 
 
-class OutputError(ValueError):
+class OutputError(BaldEagleError):
     """An output location that cannot be written; the message names the path and why."""
 
 

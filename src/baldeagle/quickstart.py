@@ -142,6 +142,13 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         _stage(f"export ({fmt})", root / "export" / fmt / "config.json", timings,
                lambda export_cfg=export_cfg: run_export(export_cfg))
 
+    # 8. The summary: summary.md (printed) and summary.json.
+    return _write_summary(root, evals, score_out, timings, regenerated, draft, train_cfg.target_dtype)
+
+
+def _write_summary(root: Path, evals: dict, score_out: Path, timings: dict, regenerated: Path, draft: Path,
+                   target_dtype: str) -> dict:
+    """Print and write summary.md; write and return summary.json's dict."""
     results = {mode: json.loads((out / "eval.json").read_text()) for mode, out in evals.items()}
     score = json.loads((score_out / "score.json").read_text())
     report = summary(results, score, timings, root)
@@ -152,7 +159,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
               "score": {k: score[k] for k in ("acceptance_length", "per_position_acceptance", "per_category",
                                               "num_prompts", "num_draft_tokens")},
               "regenerated": {k: data_stats[k] for k in ("rows_total", "self_prompts", "generated_tokens")},
-              "train": {**_train_metrics(draft), "target_dtype": train_cfg.target_dtype}}
+              "train": {**_train_metrics(draft), "target_dtype": target_dtype}}
     (root / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from baldeagle.config import ServeBenchConfig
+from baldeagle.errors import BaldEagleError
 from baldeagle.io import atomic_dir, atomic_write_json, provenance
 
 RUNNERS = {"vllm": Path(__file__).with_name("vllm_runner.py")}
@@ -53,7 +54,7 @@ def run_engine(python: Path, request: dict, workdir: Path, name: str, timeout: f
     if code != 0 or not result_path.is_file():
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-40:])
         why = f"timed out after {timeout:.0f} s" if code is None else f"exited with code {code}"
-        raise RuntimeError(f"the {name} engine run {why}; last lines of {log_path}:\n{tail}")
+        raise BaldEagleError(f"the {name} engine run {why}; last lines of {log_path}:\n{tail}")
     return json.loads(result_path.read_text())
 
 

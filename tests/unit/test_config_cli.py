@@ -156,3 +156,45 @@ def test_quickstart_without_its_config_is_an_error(tmp_path, monkeypatch):
     monkeypatch.setattr(quickstart, "QUICKSTART_TRAIN", tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="missing.yaml"):
         quickstart.quickstart_train_config(QuickstartConfig(out=str(tmp_path)))
+
+
+def test_a_runtime_error_inside_a_stage_keeps_its_traceback(monkeypatch):
+    """A torch error (RuntimeError) is a bug or a real failure, not a user's mistake: `main` lets it
+    propagate with its traceback instead of printing one line."""
+    from baldeagle import cli
+
+    def failing_stage(stage, cfg):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)")
+
+    monkeypatch.setattr(cli, "run_stage", failing_stage)
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        main(["prepare", "--limit", "1"])
+
+
+@pytest.mark.parametrize("error", ["BaldEagleError", "FileNotFoundError", "FileExistsError", "ValueError"])
+def test_a_user_error_inside_a_stage_exits_2_with_its_message(error, monkeypatch, capsys):
+    from baldeagle import cli, errors
+
+    kind = getattr(errors, error, None) or {"FileNotFoundError": FileNotFoundError, "FileExistsError": FileExistsError,
+                                            "ValueError": ValueError}[error]
+
+    def failing_stage(stage, cfg):
+        raise kind("runs/x holds no draft: train one first")
+
+    monkeypatch.setattr(cli, "run_stage", failing_stage)
+    assert main(["prepare", "--limit", "1"]) == 2
+    assert capsys.readouterr().err == "baldeagle: error: runs/x holds no draft: train one first\n"
+
+
+def test_every_project_error_type_is_a_baldeagle_error():
+    from baldeagle.data.prepare import PrepareError
+    from baldeagle.data.sources import SourceError
+    from baldeagle.data.store import DiskSpaceError
+    from baldeagle.data.store_reader import StoreError
+    from baldeagle.data.template import TemplateError
+    from baldeagle.errors import BaldEagleError
+    from baldeagle.io import OutputError
+
+    for kind in (ConfigError, PrepareError, SourceError, DiskSpaceError, StoreError, TemplateError, OutputError):
+        assert issubclass(kind, BaldEagleError) and issubclass(kind, ValueError), kind
+    assert not issubclass(RuntimeError, BaldEagleError)

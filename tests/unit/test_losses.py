@@ -6,13 +6,20 @@ import pytest
 import torch
 
 from baldeagle.train.losses import (
+    draft_vocab_targets,
     eagle1_loss,
-    eagle3_step_loss,
+    eagle3_loss_from_targets,
     eagle3_ttt_loss,
     feature_noise,
     soft_cross_entropy,
     tau_sim,
 )
+
+
+def eagle3_step_loss(draft_logits, target_logits_full, t2d, loss_mask, num_items=None):
+    """One TTT step the way `ttt_loss` scores it: the target restricted to the draft vocabulary,
+    then the loss → (loss, correct, count)."""
+    return eagle3_loss_from_targets(draft_logits, *draft_vocab_targets(target_logits_full, t2d), loss_mask, num_items)
 
 
 def test_soft_cross_entropy_by_hand():

@@ -10,6 +10,7 @@ import pytest
 from test_export import make_draft
 
 from baldeagle import serve
+from baldeagle.errors import BaldEagleError
 from baldeagle.export import export_draft
 from baldeagle.model.checkpoint import save_draft
 from baldeagle.serve import ServeBenchConfig, run_engine, run_serve_bench, summarise
@@ -51,7 +52,7 @@ def test_engine_failure_reports_the_log_tail(tmp_path, monkeypatch):
     script = tmp_path / "runner.py"
     script.write_text("import sys\nprint('loading the engine')\nprint('RuntimeError: no CPU backend')\nsys.exit(3)\n")
     monkeypatch.setitem(serve.RUNNERS, "vllm", script)
-    with pytest.raises(RuntimeError, match="exited with code 3(.|\n)*RuntimeError: no CPU backend"):
+    with pytest.raises(BaldEagleError, match="exited with code 3(.|\n)*RuntimeError: no CPU backend"):
         run_engine(sys.executable, {}, tmp_path, "speculative", timeout=60)
 
 
@@ -63,7 +64,7 @@ def test_engine_timeout_kills_the_whole_process_group(tmp_path, monkeypatch):
                       "print('engine hangs', flush=True)\ntime.sleep(300)\n")
     monkeypatch.setitem(serve.RUNNERS, "vllm", script)
     start = time.monotonic()
-    with pytest.raises(RuntimeError, match="timed out after 3 s(.|\n)*engine hangs"):
+    with pytest.raises(BaldEagleError, match="timed out after 3 s(.|\n)*engine hangs"):
         run_engine(sys.executable, {}, tmp_path, "baseline", timeout=3)
     assert time.monotonic() - start < 30
     assert not alive(int((tmp_path / "child.pid").read_text()))  # the engine's workers are gone too

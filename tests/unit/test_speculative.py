@@ -17,6 +17,7 @@ from baldeagle.decode.speculative import (
     speculative_generate,
     target_probs,
 )
+from baldeagle.decode import speculative
 from baldeagle.decode.tree import tree_from_parents
 from baldeagle.model.layers import build_mask
 from baldeagle.model.packed import pack_linears
@@ -162,32 +163,84 @@ def tv_bound(cells: int, samples: int, delta: float = 1e-6) -> float:
     return 0.5 * math.sqrt(2 * (cells * math.log(2) + math.log(1 / delta)) / samples)
 
 
-def test_accept_sampling_emits_the_target_distribution():
-    """A fixed tree and fixed target logits: the first emitted token follows p at the root, and the
-    token after an accepted draft x follows p at x's row (whether drafted again or resampled)."""
-    vocab = 6
+def wrong_sampler(zero_rejected: bool, renormalise: bool):
+    """`accept_sampling` with a deliberate bug, for checking that the tests' bound catches it:
+    zero_rejected=False resamples from p instead of normalise(max(p - q, 0)); renormalise=False
+    accepts a later sibling x with the original p(x) instead of p(x) renormalised after rejections."""
+
+    def sample(tree, logits, temperature, top_p, generator=None):
+        row, path = 0, [0]
+        while True:
+            p = target_probs(logits[row], temperature, top_p).cpu()
+            for child in tree.children(row):
+                x = int(tree.tokens[child - 1])
+                if float(torch.rand((), generator=generator)) * (float(p.sum()) if renormalise else 1.0) < float(p[x]):
+                    row = child
+                    path.append(child)
+                    break
+                p[x] = 0.0 if zero_rejected else p[x]
+            else:
+                return torch.tensor(path), int(torch.multinomial(p, 1, generator=generator))
+
+    return sample
+
+
+WRONG_SAMPLERS = {"resamples from p": wrong_sampler(zero_rejected=False, renormalise=True),
+                  "does not renormalise": wrong_sampler(zero_rejected=True, renormalise=False)}
+
+
+def sibling_case():
+    """A fixed tree and fixed target logits; rows: 0 root; three siblings below it: tokens 0, 1, 2
+    (rows 1, 2, 3); row 1 has children tokens 3, 4 (rows 4, 5); row 2 has child token 5 (row 6);
+    row 4 has child token 1 (row 7). → (tree, logits [8, V], p [8, V], temperature, top_p)"""
     g = torch.Generator().manual_seed(0)
-    logits = 2 * torch.randn(8, vocab, generator=g)
+    logits = 2 * torch.randn(8, 6, generator=g)
     logits[0, :3] = logits[0].max() + torch.tensor([0.5, 0.0, -0.5])  # the drafted siblings are likely
-    # rows: 0 root; three siblings below it: tokens 0, 1, 2 (rows 1, 2, 3); row 1 has children
-    # tokens 3, 4 (rows 4, 5); row 2 has child token 5 (row 6); row 4 has child token 1 (row 7)
     tree = tree_from_parents(torch.tensor([0, 1, 2, 3, 4, 5, 1]), torch.tensor([-1, -1, -1, 0, 0, 1, 3]))
     temperature, top_p = 0.8, 0.9
-    p = target_probs(logits, temperature, top_p)  # [8, V]
-    n = 20000
-    first = torch.zeros(vocab)
-    second = {0: torch.zeros(vocab), 1: torch.zeros(vocab), 2: torch.zeros(vocab)}  # keyed by the accepted token
+    return tree, logits, target_probs(logits, temperature, top_p), temperature, top_p
+
+
+def emitted_counts(sampler, n: int, seed: int = 0):
+    """n draws of `sampler` on `sibling_case` → (counts of the first emitted token [V], counts of the
+    second one keyed by the accepted first token {0, 1, 2: [V]})."""
+    tree, logits, p, temperature, top_p = sibling_case()
+    g = torch.Generator().manual_seed(seed)
+    first = torch.zeros(p.shape[1])
+    second = {0: torch.zeros(p.shape[1]), 1: torch.zeros(p.shape[1]), 2: torch.zeros(p.shape[1])}
     for _ in range(n):
-        path, bonus = accept_sampling(tree, logits, temperature, top_p, g)
+        path, bonus = sampler(tree, logits, temperature, top_p, g)
         emitted = [int(tree.tokens[r - 1]) for r in path[1:]] + [bonus]
         first[emitted[0]] += 1
         if len(path) > 1:
             second[emitted[0]][emitted[1]] += 1
+    return first, second
+
+
+ACCEPT_SAMPLES = 20000
+
+
+def test_accept_sampling_emits_the_target_distribution():
+    """A fixed tree and fixed target logits: the first emitted token follows p at the root, and the
+    token after an accepted draft x follows p at x's row (whether drafted again or resampled)."""
+    _, _, p, _, _ = sibling_case()  # [8, V]
+    vocab, n = p.shape[1], ACCEPT_SAMPLES
+    first, second = emitted_counts(accept_sampling, n)
     assert 0.5 * (first / n - p[0]).abs().sum() < tv_bound(vocab, n)
     for token, row in {0: 1, 1: 2, 2: 3}.items():
         count = int(second[token].sum())
         assert count > 500
         assert 0.5 * (second[token] / count - p[row]).abs().sum() < tv_bound(vocab, count)
+
+
+@pytest.mark.parametrize("bug", list(WRONG_SAMPLERS))
+def test_the_bound_rejects_a_wrong_residual_distribution(bug):
+    """The lossless test can fail: with the same sample size, a sampler whose residual is wrong
+    emits a first token whose distance from p is well past `tv_bound`."""
+    _, _, p, _, _ = sibling_case()
+    vocab, n = p.shape[1], ACCEPT_SAMPLES
+    first, _ = emitted_counts(WRONG_SAMPLERS[bug], n)
+    assert 0.5 * (first / n - p[0]).abs().sum() > 2 * tv_bound(vocab, n)
 
 
 def exact_two_token_distribution(target, ids, temperature, top_p):
@@ -200,10 +253,13 @@ def exact_two_token_distribution(target, ids, temperature, top_p):
     return p_first[:, None] * p_second
 
 
-@pytest.mark.parametrize("mode,top_p", [("chain", 1.0), ("tree", 0.9)])
-def test_speculative_sampling_matches_plain_sampling(mode, top_p):
-    """End to end on an 8-token vocabulary: the first two emitted tokens are jointly distributed as
-    plain sampling's, and so is the token after an accepted draft (the perfect draft's guess)."""
+GENERATE_SAMPLES = 4000
+
+
+def two_token_counts(mode: str, top_p: float, n: int = GENERATE_SAMPLES):
+    """n speculative samplings of two tokens on an 8-token vocabulary with a perfect draft →
+    (counts [V, V] of the first two emitted tokens, plain sampling's exact P [V, V], the fraction
+    of first steps that accepted a draft token)."""
     target = tiny_target("llama", vocab_size=8, num_hidden_layers=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     with torch.no_grad():
         target.lm_head.weight.mul_(4.0)  # peaked distributions, so drafts get accepted and rejected
@@ -216,16 +272,33 @@ def test_speculative_sampling_matches_plain_sampling(mode, top_p):
         mode="chain", num_draft_tokens=2)
     settings = SpecSettings(**shape, max_new_tokens=2, temperature=temperature, top_p=top_p)
     g = torch.Generator().manual_seed(1)
-    n = 4000
     counts = torch.zeros_like(exact)
     accepted_steps = 0
     for _ in range(n):
         got = speculative_generate(target, draft, ids, settings, generator=g)
         counts[got.tokens[0], got.tokens[1]] += 1
         accepted_steps += got.accepted[0] > 0
-    assert 0.1 < accepted_steps / n < 0.95  # both branches (accept, reject) were exercised
+    return counts, exact, accepted_steps / n
+
+
+@pytest.mark.parametrize("mode,top_p", [("chain", 1.0), ("tree", 0.9)])
+def test_speculative_sampling_matches_plain_sampling(mode, top_p):
+    """End to end on an 8-token vocabulary: the first two emitted tokens are jointly distributed as
+    plain sampling's, and so is the token after an accepted draft (the perfect draft's guess)."""
+    n = GENERATE_SAMPLES
+    counts, exact, accepted = two_token_counts(mode, top_p, n)
+    assert 0.1 < accepted < 0.95  # both branches (accept, reject) were exercised
     tv = 0.5 * (counts / n - exact).abs().sum()
     assert tv < tv_bound(exact.numel(), n)
+
+
+def test_speculative_sampling_test_rejects_resampling_from_p(monkeypatch):
+    """The end-to-end test can fail: decoding that resamples a rejected token from p instead of the
+    residual is, at the same sample size, well past the bound."""
+    monkeypatch.setattr(speculative, "accept_sampling", WRONG_SAMPLERS["resamples from p"])
+    n = GENERATE_SAMPLES
+    counts, exact, _ = two_token_counts("chain", 1.0, n)
+    assert 0.5 * (counts / n - exact).abs().sum() > 1.5 * tv_bound(exact.numel(), n)
 
 
 def test_sliding_window_targets_are_refused():

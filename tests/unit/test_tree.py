@@ -6,7 +6,7 @@ import torch
 from tiny_targets import tiny_target
 
 from baldeagle.decode.speculative import new_target_cache, target_forward
-from baldeagle.decode.tree import accept_greedy, chain, compact_target_cache, grow_tree, tree_from_parents
+from baldeagle.decode.tree import accept_greedy, compact_target_cache, grow_tree, tree_from_parents
 
 V = 50
 
@@ -87,7 +87,7 @@ def test_grow_tree_keeps_the_best_candidates_and_closes_ancestors(depth, topk, t
 
 
 def test_chain_is_a_degenerate_tree_with_a_causal_mask():
-    tree = chain(torch.tensor([7, 8, 9]))
+    tree = tree_from_parents(torch.tensor([7, 8, 9]), torch.tensor([-1, 0, 1]))  # node i's parent is i-1
     assert tree.parents.tolist() == [-1, 0, 1] and tree.depths.tolist() == [1, 2, 3]
     assert torch.equal(tree.ancestors, torch.ones(4, 4, dtype=torch.bool).tril())
     assert tree.position_ids(10).tolist() == [[10, 11, 12, 13]]

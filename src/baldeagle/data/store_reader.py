@@ -29,6 +29,7 @@ from torch import nn
 
 from baldeagle.conventions import num_layers, text_config
 from baldeagle.data.features import TargetFeatures, TargetLogits
+from baldeagle.errors import BaldEagleError
 
 FORMAT = "baldeagle-feature-store"
 VERSION = 1
@@ -37,7 +38,7 @@ SHARD_METADATA_KEY = "baldeagle_shard"
 FIELD_DTYPES = {"bfloat16": ("BF16", torch.bfloat16, 2), "int32": ("I32", torch.int32, 4)}
 
 
-class StoreError(ValueError):
+class StoreError(BaldEagleError):
     """A feature store that is incomplete, corrupted, or written for something else."""
 
 
@@ -233,10 +234,6 @@ class FeatureStore:
     def row_indices(self) -> list[int]:
         """Prepared-row indices held by the store (a --limit / --max-bytes store holds a subset)."""
         return sorted(self._where)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(entry["tokens"] for entry in self.manifest["shards"])
 
     def __len__(self) -> int:
         return len(self._where)

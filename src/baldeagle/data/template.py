@@ -37,11 +37,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from baldeagle.errors import BaldEagleError
+
 ROLES = ("system", "user", "assistant")
 SENTINEL = "BaldEagleContentSentinel7f3a"  # rendered in place of a content to find where it starts
 
 
-class TemplateError(ValueError):
+class TemplateError(BaldEagleError):
     """The chat template cannot render this conversation or cannot be masked exactly."""
 
 

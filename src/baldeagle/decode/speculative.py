@@ -209,67 +209,80 @@ def plain_generate(target, input_ids: torch.Tensor, settings: SpecSettings, gene
         n += 1
 
 
+def prefill(target, draft, input_ids, cache, draft_cache, settings: SpecSettings, generator=None):
+    """The target caches x_0..x_{n-1} and chooses x_n (the first root); the draft reads x_1..x_n
+    with the target features f_0..f_{n-1}. input_ids [1, n] → (x_n, the draft's rows [1, n, H])."""
+    n, device = input_ids.shape[1], input_ids.device
+    positions = torch.arange(n, device=device)[None]
+    aux = list(draft.config.aux_layer_ids)
+    logits, features = target_forward(target, input_ids, positions, cache, aux_layer_ids=aux, last_only=True)
+    root = choose(logits[-1], settings.temperature, settings.top_p, generator)  # x_n
+    new_tokens = torch.cat([input_ids[0, 1:], torch.tensor([root], device=device)])  # [n]
+    return root, draft(new_tokens[None], draft.project(features), positions, draft_cache)
+
+
+def draft_tree(draft, root_hidden: torch.Tensor, draft_cache, n: int, shape: tuple[int, int, int]) -> Tree:
+    """Grow the draft's tree below the root x_n (`grow_tree`; a chain when topk is 1).
+
+    root_hidden [1, H]: the draft's output at the root row, the feature of the root's children.
+    The tree's rows follow the n committed rows in `draft_cache`; each row's output feeds its children.
+    """
+    depth, topk, total_tokens = shape
+    device = root_hidden.device
+    row_hidden = root_hidden  # [R, H]: the outputs of the tree's rows so far (root first)
+
+    def expand(tokens, parent_rows, d, row_mask):
+        """The frontier (k nodes at depth d) through the draft → child log-probabilities [k, V_draft]."""
+        nonlocal row_hidden
+        k = tokens.shape[0]
+        mask = torch.cat([torch.ones(k, n, dtype=torch.bool, device=device), row_mask], dim=1)  # [k, n + R]
+        positions = torch.full((1, k), n - 1 + d, device=device)
+        hidden = draft(tokens[None], row_hidden[parent_rows + 1][None], positions, draft_cache, mask[None, None])
+        row_hidden = torch.cat([row_hidden, hidden[0]])
+        return torch.log_softmax(draft.logits(hidden[0]).float(), dim=-1)
+
+    root_logp = torch.log_softmax(draft.logits(root_hidden[0]).float(), dim=-1)  # [V_draft]
+    return grow_tree(expand, root_logp, draft.to_target_ids, depth, topk, total_tokens)
+
+
+def accept(tree: Tree, logits: torch.Tensor, settings: SpecSettings, generator=None) -> tuple[torch.Tensor, int]:
+    """logits [N+1, V] → (accepted path rows [m+1], bonus token). Greedy: the nodes that equal the
+    target's argmax; sampling: the lossless rule of `accept_sampling`."""
+    if settings.temperature == 0:
+        return accept_greedy(tree, logits.argmax(dim=-1))
+    return accept_sampling(tree, logits, settings.temperature, settings.top_p, generator)
+
+
 @torch.inference_mode()
 def speculative_generate(target, draft, input_ids: torch.Tensor, settings: SpecSettings, generator=None) -> Generation:
     """Speculative decoding of one prompt input_ids [1, n] with `draft` (EAGLE-1 or EAGLE-3)."""
     start = time.perf_counter()
-    greedy = settings.temperature == 0
-    depth, topk, total_tokens = settings.shape
-    aux = list(draft.config.aux_layer_ids)
-    device = input_ids.device
-    out = _Emitter(settings.max_new_tokens, settings.eos_token_ids)
-    accepted: list[int] = []
-
-    # Prefill: the target caches x_0..x_{n-1} and chooses x_n; the draft reads x_1..x_n with f_0..f_{n-1}.
-    n = input_ids.shape[1]
+    aux, device = list(draft.config.aux_layer_ids), input_ids.device
+    out, accepted = _Emitter(settings.max_new_tokens, settings.eos_token_ids), []
     cache, draft_cache = new_target_cache(target), DraftCache()
-    positions = torch.arange(n, device=device)[None]
-    logits, features = target_forward(target, input_ids, positions, cache, aux_layer_ids=aux, last_only=True)
-    root = choose(logits[-1], settings.temperature, settings.top_p, generator)  # x_n
+    n = input_ids.shape[1]
+    root, draft_rows = prefill(target, draft, input_ids, cache, draft_cache, settings, generator)  # x_n
     out.extend([root])
-    new_tokens = torch.cat([input_ids[0, 1:], torch.tensor([root], device=device)])  # [n]
-    draft_rows = draft(new_tokens[None], draft.project(features), positions, draft_cache)
-
     while not out.done:
-        # --- 1. draft: rows of the tree follow the cache; row hidden states feed their children
-        row_hidden = draft_rows[0, -1:]  # [1, H]: the root row's output (its children's feature)
-        root_logp = torch.log_softmax(draft.logits(row_hidden[0]).float(), dim=-1)  # [V_draft]
-
-        def expand(tokens, parent_rows, d, row_mask):
-            """The frontier (k nodes at depth d) through the draft → child log-probabilities [k, V_draft]."""
-            nonlocal row_hidden
-            k = tokens.shape[0]
-            mask = torch.cat([torch.ones(k, n, dtype=torch.bool, device=device), row_mask], dim=1)  # [k, n + R]
-            positions = torch.full((1, k), n - 1 + d, device=device)
-            hidden = draft(tokens[None], row_hidden[parent_rows + 1][None], positions, draft_cache, mask[None, None])
-            row_hidden = torch.cat([row_hidden, hidden[0]])
-            return torch.log_softmax(draft.logits(hidden[0]).float(), dim=-1)
-
-        tree = grow_tree(expand, root_logp, draft.to_target_ids, depth, topk, total_tokens)
-
-        # --- 2. verify [x_n, nodes] in one target forward: positions n + depth, tree attention mask
+        # 1. draft a tree below the root x_n from the root row's draft output
+        tree = draft_tree(draft, draft_rows[0, -1:], draft_cache, n, settings.shape)
+        # 2. verify [x_n, nodes] in one target forward: positions n + depth, tree attention mask
         verify_ids = torch.cat([torch.tensor([root], device=device), tree.tokens])[None]  # [1, N+1]
         logits, features = target_forward(
             target, verify_ids, tree.position_ids(n), cache, tree.attention_mask(n), aux_layer_ids=aux
         )  # logits [N+1, V], features [1, N+1, F]
-
-        # --- 3. accept a path and choose the bonus token
-        if greedy:
-            path, bonus = accept_greedy(tree, logits.argmax(dim=-1))
-        else:
-            path, bonus = accept_sampling(tree, logits, settings.temperature, settings.top_p, generator)
+        # 3. accept a root→node path, then the bonus token from the target at its last row
+        path, bonus = accept(tree, logits, settings, generator)
         accepted.append(path.shape[0] - 1)
         new_tokens = torch.cat([verify_ids[0, path[1:]], torch.tensor([bonus], device=device)])  # [m+1]
         out.extend(new_tokens.tolist())
-
-        # --- 4. commit: the target keeps prefix + path; the draft drops its tree rows, then reads
-        # the new rows (tokens x_{n+1}..x_{n+m+1}, target features at rows n..n+m).
+        # 4. commit: the target keeps prefix + path; the draft drops its tree rows, then reads
+        #    the new rows (tokens x_{n+1}..x_{n+m+1}, target features at rows n..n+m)
         compact_target_cache(cache, n, path)
         draft_cache.crop(n)
         if out.done:
             break
         positions = torch.arange(n, n + path.shape[0], device=device)[None]
         draft_rows = draft(new_tokens[None], draft.project(features[:, path]), positions, draft_cache)
-        n += path.shape[0]
-        root = bonus
+        n, root = n + path.shape[0], bonus
     return Generation(out.tokens, accepted, time.perf_counter() - start)

@@ -1,4 +1,4 @@
-"""Draft trees: a static chain (a degenerate tree) and EAGLE-2 dynamic trees.
+"""Draft trees: EAGLE-2 dynamic trees, and the chain as a tree with one child per node (topk 1).
 
 A tree hangs below a *root*: the last committed token, which the target has not seen yet. Its N
 draft nodes are stored in depth order (a parent always precedes its children), so "row" 0 is the
@@ -72,12 +72,6 @@ def tree_from_parents(tokens: torch.Tensor, parents: torch.Tensor, scores: torch
         depth_list[j] = (depth_list[parent_row - 1] if parent_row else 0) + 1
     depths = torch.tensor(depth_list, dtype=torch.long, device=device)
     return Tree(tokens, parents, depths, ancestors, scores)
-
-
-def chain(tokens: torch.Tensor) -> Tree:
-    """A static chain of k draft tokens as a tree: node i's parent is node i-1."""
-    k = tokens.shape[0]
-    return tree_from_parents(tokens, torch.arange(-1, k - 1, device=tokens.device))
 
 
 # Expand the frontier: (tokens [k] target ids, parent_rows [k] (-1 = root), depth d, row_mask [k, R])

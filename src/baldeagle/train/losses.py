@@ -81,13 +81,6 @@ def eagle3_loss_from_targets(draft_logits, target_probs, target_argmax_draft, lo
     return loss, correct.detach(), count
 
 
-def eagle3_step_loss(draft_logits, target_logits_full, t2d, loss_mask, num_items=None):
-    """One TTT step. draft_logits [..., Vd], target_logits_full [..., V], t2d [V] bool, loss_mask [...]
-    → (loss, correct, count); OOV-argmax positions add 0 to the loss and count as wrong."""
-    target_probs, target_argmax_draft = draft_vocab_targets(target_logits_full, t2d)
-    return eagle3_loss_from_targets(draft_logits, target_probs, target_argmax_draft, loss_mask, num_items)
-
-
 def eagle3_ttt_loss(step_losses: list[torch.Tensor], decay: float = 0.8) -> torch.Tensor:
     """Σ_k decay^k · loss_k over the K unrolled steps (K = len(step_losses))."""
     return sum(decay**k * loss for k, loss in enumerate(step_losses))

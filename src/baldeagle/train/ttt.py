@@ -17,8 +17,9 @@ diagonal key at the later steps), so step k runs only on the rows scored at step
 in chat data, where prompts are not trained, about half of them. Only the step-0 keys are
 shared (every row is context for the rows after it), so they are computed for every row by the
 k/v projections alone (`draft.keys_values`). Each step's rows are gathered per batch element
-into [B, M_k] (`StepRows`); `all_rows=True` runs every row at every step instead, the plain
-unroll that the gathered one is tested against.
+into [B, M_k] (`StepRows`). `ttt_forward` is three named steps: which rows each step runs on
+(`needed_rows`), the unroll (`ttt_unroll`) and the loss (`ttt_loss`); the tests run the unroll on
+every row too (the plain unroll the gathered one must equal).
 
 Memory: the target distribution is restricted to the draft vocab once and kept at the trained
 positions only ([N, Vd]; the set of target positions is the same for every step), and each
@@ -33,7 +34,9 @@ import torch
 import torch.nn.functional as F
 
 from baldeagle.model.layers import sdpa_attention
-from baldeagle.train.losses import draft_vocab_targets, eagle1_loss, eagle3_loss_from_targets, feature_noise
+from baldeagle.train.losses import (
+    draft_vocab_targets, eagle1_loss, eagle3_loss_from_targets, eagle3_ttt_loss, feature_noise,
+)
 
 
 def shift_left(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -164,11 +167,62 @@ class TTTOutput:
     step_losses: list[torch.Tensor]
     correct: list[torch.Tensor]  # per step: draft top-1 == target top-1 (sums over trained positions)
     count: list[torch.Tensor]  # per step: trained positions
-    hidden: list[torch.Tensor] | None = None  # per step: draft outputs [B, T, H], 0 where not run (return_hidden)
-    ran: list[torch.Tensor] | None = None  # per step: [B, T] bool, the rows that step ran on (return_hidden)
 
-    def accuracies(self) -> list[float]:
-        return [float(c) / max(float(n), 1.0) for c, n in zip(self.correct, self.count)]
+
+def real_and_positions(input_ids, attention_mask=None, position_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] bool (True = a real token) and the position ids [B, T] (default 0..T-1)."""
+    batch, length = input_ids.shape
+    if position_ids is None:
+        position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
+    real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    return real, position_ids
+
+
+def needed_rows(trained: torch.Tensor, real: torch.Tensor, steps: int) -> list[StepRows]:
+    """Per step, the rows it runs on. Row t is scored at step k iff position t+1+k is trained and
+    row t is real (left padding); step k runs the rows scored at step k or later."""
+    runs, needed = [], torch.zeros_like(real)
+    for k in reversed(range(steps)):
+        needed = needed | (shift_left(trained, 1 + k) & real)
+        runs.append(StepRows.where(needed))
+    return runs[::-1]
+
+
+def ttt_unroll(draft, input_ids, features, runs: list[StepRows], real, position_ids, impl: str = "sdpa"):
+    """The draft's output at every step on that step's rows: a list of [B, M_k, H], in the slots of
+    `runs[k]`. Step k reads token x_{t+1+k} at position t+k and the step-(k-1) output of row t."""
+    hidden = draft.project(features)  # [B, T, H], every row: the context keys read it
+    cache = TTTCache(*draft.keys_values(shift_left(input_ids, 1), hidden, position_ids), real, impl)
+    outputs = []
+    for k, rows in enumerate(runs):
+        hidden = take(hidden, rows.index if k == 0 else runs[k - 1].slots_of(rows))  # [B, M_k, H]
+        cache.begin_step(rows)
+        ids, positions = take(shift_left(input_ids, 1 + k), rows.index), take(position_ids, rows.index) + k
+        hidden = draft(ids, hidden, positions, cache=cache)  # [B, M_k, H]
+        outputs.append(hidden)
+    return outputs
+
+
+def ttt_loss(draft, outputs, runs, trained, real, target_logits, decay: float = 0.8, num_items=None) -> TTTOutput:
+    """Score the unroll: step k's output at row t against the target at t+1+k, for every trained
+    position (`trained` [B, T], `scored_positions`); losses from train/losses.py."""
+    b_idx, p_idx = trained.nonzero(as_tuple=True)  # [N]
+    # Only trained positions are gathered (target_logits may compute lazily, see TargetLogits).
+    target_probs, target_argmax = draft_vocab_targets(target_logits[b_idx, p_idx], draft.t2d)  # [N, Vd], [N]
+    scored, keeps = [], []
+    for k, (hidden, rows) in enumerate(zip(outputs, runs)):
+        row = p_idx - 1 - k  # the row whose step-k output predicts position p
+        keep = (row >= 0) & real[b_idx, row.clamp(min=0)]  # the chain must start on a real token (left padding)
+        b_k, t_k = b_idx[keep], row[keep]
+        scored.append(hidden[b_k, rows.slot[b_k, t_k]])  # [N_k, H]
+        keeps.append(keep)
+    # One LM head call for every step: on CPU one large matmul (and its weight gradient) runs
+    # faster than K small ones; the LM head is the draft's largest matmul.
+    all_logits = draft.logits(torch.cat(scored)).split([len(h) for h in scored])  # [N_k, Vd] per step
+    steps = [eagle3_loss_from_targets(logits, target_probs[keep], target_argmax[keep], keep[keep], num_items)
+             for logits, keep in zip(all_logits, keeps)]
+    losses, correct, count = (list(column) for column in zip(*steps))
+    return TTTOutput(eagle3_ttt_loss(losses, decay), losses, correct, count)
 
 
 def ttt_forward(
@@ -183,8 +237,6 @@ def ttt_forward(
     decay: float = 0.8,
     impl: str = "sdpa",
     num_items=None,
-    return_hidden: bool = False,
-    all_rows: bool = False,
 ) -> TTTOutput:
     """Unroll an EAGLE-3 draft for `steps` steps and return the weighted loss and per-step metrics.
 
@@ -192,57 +244,13 @@ def ttt_forward(
     target_logits [B, T, V] (the target's next-token logits at each position); loss_mask [B, T]
     (1 = token trained); attention_mask [B, T] (1 = real token); position_ids [B, T] (default 0..T-1).
     impl: "sdpa" (default; measured faster and leaner on an H200 and on CPU) or "eager" (same numbers).
-    all_rows: run every row at every step rather than only those a trained loss needs (same numbers).
     """
-    batch, length = input_ids.shape
-    if position_ids is None:
-        position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
-    real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    real, position_ids = real_and_positions(input_ids, attention_mask, position_ids)
     # Target position p = t+1+k is trained iff x_{p+1} is: the same positions at every step.
     trained = scored_positions(loss_mask, real)
-    b_idx, p_idx = trained.nonzero(as_tuple=True)  # [N]
-    # Only trained positions are gathered (target_logits may compute lazily, see TargetLogits).
-    target_probs, target_argmax = draft_vocab_targets(target_logits[b_idx, p_idx], draft.t2d)  # [N, Vd], [N]
-
-    # Row t is scored at step k iff position t+1+k is trained and row t is real (left padding);
-    # step k runs the rows scored at step k or later.
-    runs, needed = [], torch.zeros_like(real)
-    for k in reversed(range(steps)):
-        needed = needed | (shift_left(trained, 1 + k) & real)
-        runs.append(StepRows.where(torch.ones_like(real) if all_rows else needed))
-    runs.reverse()
-
-    hidden = draft.project(features)  # [B, T, H], every row: the context keys read it
-    cache = TTTCache(*draft.keys_values(shift_left(input_ids, 1), hidden, position_ids), real, impl)
-    scored, keeps, outputs = [], [], []
-    for k, rows in enumerate(runs):
-        hidden = take(hidden, rows.index if k == 0 else runs[k - 1].slots_of(rows))  # [B, M_k, H]
-        cache.begin_step(rows)
-        ids, positions = take(shift_left(input_ids, 1 + k), rows.index), take(position_ids, rows.index) + k
-        hidden = draft(ids, hidden, positions, cache=cache)  # [B, M_k, H]
-        scored_rows = p_idx - 1 - k
-        keep = scored_rows >= 0
-        keep &= real[b_idx, scored_rows.clamp(min=0)]  # the chain must start on a real token (left padding)
-        b_k, t_k = b_idx[keep], scored_rows[keep]
-        scored.append(hidden[b_k, rows.slot[b_k, t_k]])  # [N_k, H]
-        keeps.append(keep)
-        if return_hidden:
-            full = hidden.new_zeros(batch, length, hidden.shape[-1])
-            b_valid = torch.arange(batch, device=hidden.device)[:, None].expand_as(rows.index)[rows.valid]
-            outputs.append(full.index_put((b_valid, rows.index[rows.valid]), hidden[rows.valid]))
-    # One LM head call for every step: on CPU one large matmul (and its weight gradient) runs
-    # faster than K small ones; the LM head is the draft's largest matmul.
-    all_logits = draft.logits(torch.cat(scored)).split([len(h) for h in scored])  # [N_k, Vd] per step
-    losses, corrects, counts = [], [], []
-    for logits, keep in zip(all_logits, keeps):
-        ones = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
-        loss, correct, count = eagle3_loss_from_targets(
-            logits, target_probs[keep], target_argmax[keep], ones, num_items
-        )
-        losses.append(loss), corrects.append(correct), counts.append(count)
-    total = sum(decay**k * loss for k, loss in enumerate(losses))
-    ran = [torch.zeros_like(real).scatter(1, rows.index, rows.valid) for rows in runs] if return_hidden else None
-    return TTTOutput(total, losses, corrects, counts, outputs if return_hidden else None, ran)
+    runs = needed_rows(trained, real, steps)
+    outputs = ttt_unroll(draft, input_ids, features, runs, real, position_ids, impl)
+    return ttt_loss(draft, outputs, runs, trained, real, target_logits, decay, num_items)
 
 
 @torch.no_grad()
@@ -256,19 +264,12 @@ def rollout_predictions(draft, input_ids: torch.Tensor, features: torch.Tensor, 
     target token ids: out[b, k, t] is the draft's guess for x_{t+2+k} (its step-k output at row t),
     -1 where row t was not rolled out. EAGLE-1 and EAGLE-3 alike.
     """
-    batch, length = input_ids.shape
-    position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
-    real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    real, position_ids = real_and_positions(input_ids, attention_mask)
     run = StepRows.where(rows & real)
-    hidden = draft.project(features)
-    cache = TTTCache(*draft.keys_values(shift_left(input_ids, 1), hidden, position_ids), real)
-    hidden = take(hidden, run.index)  # [B, M, H]
-    out = input_ids.new_full((batch, steps, length), -1)
-    b_valid = torch.arange(batch, device=input_ids.device)[:, None].expand_as(run.index)[run.valid]
-    for k in range(steps):
-        cache.begin_step(run)
-        ids, positions = take(shift_left(input_ids, 1 + k), run.index), take(position_ids, run.index) + k
-        hidden = draft(ids, hidden, positions, cache=cache)  # [B, M, H]
+    outputs = ttt_unroll(draft, input_ids, features, [run] * steps, real, position_ids)  # [B, M, H] per step
+    out = input_ids.new_full((input_ids.shape[0], steps, input_ids.shape[1]), -1)
+    b_valid = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(run.index)[run.valid]
+    for k, hidden in enumerate(outputs):
         guess = draft.to_target_ids(draft.logits(hidden).argmax(dim=-1))  # [B, M]
         out[b_valid, k, run.index[run.valid]] = guess[run.valid]
     return out
@@ -288,9 +289,7 @@ def eagle1_forward(
     """EAGLE-1's single step: row t reads (x_{t+1}, f_t + noise) and predicts f_{t+1}; trained where
     x_{t+2} is (the alignment of TTT step 0). features [B, T, H] = `hidden_states[-1]`;
     target_logits [B, T, V] (default: the frozen LM head on the features) → (loss, metrics)."""
-    batch, length = input_ids.shape
-    if position_ids is None:
-        position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
+    _, position_ids = real_and_positions(input_ids, attention_mask, position_ids)
     inputs = feature_noise(features, noise_std) if noise_std else features
     out = draft(shift_left(input_ids, 1), inputs, position_ids, attention_mask=attention_mask)  # [B, T, H]
     b_idx, p_idx = scored_positions(loss_mask, attention_mask).nonzero(as_tuple=True)  # [N]
