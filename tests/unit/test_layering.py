@@ -7,7 +7,7 @@ from pathlib import Path
 import baldeagle
 
 SRC = Path(baldeagle.__file__).parent
-BASE = ("baldeagle.config", "baldeagle.io", "baldeagle.conventions")  # import only each other
+BASE = ("baldeagle.config", "baldeagle.io", "baldeagle.conventions", "baldeagle.errors")  # import only each other
 STAGES = ("baldeagle.decode", "baldeagle.train", "baldeagle.export", "baldeagle.export_check", "baldeagle.serve",
           "baldeagle.vllm_runner", "baldeagle.quickstart", "baldeagle.cli")
 FORBIDDEN = {  # package → what no module in it may import
