@@ -9,8 +9,11 @@ yardstick inside its loop: it trains once per budget (benchmarks/peer_speculator
 with `load_exported` and scored by `baldeagle score` on the same cached answers.
 
     .venv/bin/python benchmarks/learning_curve.py --data runs/quickstart/prepared --marks 6,12,24,48
-    .venv/bin/python benchmarks/learning_curve.py --data runs/quickstart/prepared --marks 6,12 --peer
-Writes OUT/curve.json, OUT/curve.md and OUT/curve.png.
+    # side by side, one thread each (two processes at once), the peer with our draft's vocabulary:
+    .venv/bin/python benchmarks/learning_curve.py --data D --marks 6,12 --threads 1 --side ours &
+    .venv/bin/python benchmarks/learning_curve.py --data D --marks 6,12 --threads 1 --side peer \
+        --peer-d2t runs/other_draft_on_D/model.safetensors
+Writes OUT/curve-SIDE.json and OUT/curve-SIDE.md; OUT/curve.png once both sides are there.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ def at_marks(points: list[dict], marks: list[float]) -> list[dict]:
     return rows
 
 
-def train_peer(args, mark: float, our_draft: Path, out: Path) -> Path:
+def train_peer(args, mark: float, d2t: Path, out: Path) -> Path:
     """The peer trained `mark` minutes, converted to a BaldEagle draft folder."""
     from baldeagle.export import load_exported
     from baldeagle.model.checkpoint import save_draft
@@ -70,7 +73,7 @@ def train_peer(args, mark: float, our_draft: Path, out: Path) -> Path:
     if not (folder / "speculators" / "config.json").is_file():
         command = [args.peer_python, str(REPO / "benchmarks" / "peer_speculators_draft.py"), "--data", args.data,
                    "--out", str(folder), "--target", resolve_model(args.model), "--d2t",
-                   str(our_draft / "model.safetensors"), "--minutes", str(mark), "--epochs", "1000",
+                   str(d2t), "--minutes", str(mark), "--epochs", "1000", "--threads", str(args.threads or 0),
                    "--ttt-steps", "3", "--draft-vocab", "8192", "--lr", "1e-3", "--batch-size", "4",
                    "--max-length", "512", "--target-dtype", args.target_dtype or training_target_dtype(),
                    "--val-rows", "0"]
@@ -114,28 +117,45 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=50, help="steps between yardstick evaluations")
     parser.add_argument("--prompts", default="mtbench")
     parser.add_argument("--limit", type=int, default=0)
-    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("-k", type=int, default=3)
     parser.add_argument("--target-dtype", default="", help="the frozen target's dtype in training (default: the quickstart's)")
-    parser.add_argument("--peer", action="store_true", help="also train and score speculators at every mark")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per side (0 = torch's default)")
+    parser.add_argument("--side", choices=["ours", "peer", "both"], default="both")
+    parser.add_argument("--peer-d2t", default="", help="safetensors with the d2t the peer uses (default: our final draft's)")
     parser.add_argument("--peer-python", default=str(REPO / ".venv-speculators" / "bin" / "python"))
     parser.add_argument("--out", default="runs/learning_curve")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     args.marks = sorted(float(m) for m in args.marks.split(","))
     out = Path(args.out)
-    points = train_ours(args, out / "ours")
-    ours = at_marks(points, args.marks)
-    peer = [{"mark": m, **score(args, train_peer(args, m, out / "ours" / "final", out), out / f"peer-{m:g}min" / "score")}
-            for m in args.marks] if args.peer else []
-    (out / "curve.json").write_text(json.dumps({"ours": points, "ours_at_marks": ours, "peer": peer}, indent=2) + "\n")
-    plot(points, peer, out / "curve.png")
-    lines = ["| minutes | our steps | target tokens | our τ | peer τ | our τ by category |", "|---|---|---|---|---|---|"]
-    for i, row in enumerate(ours):
-        peer_tau = f"{peer[i]['tau']:.3f}" if peer else "-"
+    out.mkdir(parents=True, exist_ok=True)
+    if args.side in ("ours", "both"):
+        points = train_ours(args, out / "ours")
+        rows = at_marks(points, args.marks)
+        (out / "curve-ours.json").write_text(json.dumps({"points": points, "at_marks": rows}, indent=2) + "\n")
+        report(rows, "BaldEagle", out / "curve-ours.md")
+    if args.side in ("peer", "both"):
+        d2t = Path(args.peer_d2t) if args.peer_d2t else out / "ours" / "final" / "model.safetensors"
+        rows = [{"mark": m, "minutes": m, **score(args, train_peer(args, m, d2t, out), out / f"peer-{m:g}min" / "score")}
+                for m in args.marks]
+        (out / "curve-peer.json").write_text(json.dumps({"at_marks": rows}, indent=2) + "\n")
+        report(rows, "speculators 0.9.0", out / "curve-peer.md")
+    if (out / "curve-ours.json").is_file():
+        peer = json.loads((out / "curve-peer.json").read_text())["at_marks"] if (out / "curve-peer.json").is_file() else []
+        plot(json.loads((out / "curve-ours.json").read_text())["points"], peer, out / "curve.png")
+
+
+def report(rows: list[dict], who: str, path: Path) -> None:
+    lines = [f"| minutes ({who}) | steps | target tokens | MT-bench τ | τ by category |", "|---|---|---|---|---|"]
+    for row in rows:
         cats = ", ".join(f"{k} {v:.2f}" for k, v in row["categories"].items())
-        lines.append(f"| {row['mark']:g} ({row['minutes']:.1f}) | {row['step']} | {row['tokens']} | {row['tau']:.3f} | "
-                     f"{peer_tau} | {cats} |")
-    (out / "curve.md").write_text("\n".join(lines) + "\n")
+        lines.append(f"| {row['mark']:g} ({row['minutes']:.1f}) | {row.get('step', '-')} | {row.get('tokens', '-')} | "
+                     f"{row['tau']:.3f} | {cats} |")
+    path.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
