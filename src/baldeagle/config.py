@@ -258,8 +258,8 @@ class QuickstartConfig:
     max_length: int = _help("truncate training rows to this many tokens", min=1, default=512)
     eval_prompts: int = _help("MT-bench questions to evaluate on (first turns)", min=1, default=10)
     eval_new_tokens: int = _help("new tokens per evaluated answer", min=1, default=96)
-    score_prompts: int = _help("MT-bench first turns the yardstick scores the draft on (baldeagle score)",
-                               min=1, default=80)
+    score_prompts: int = _help("MT-bench first turns (spread over its categories) the yardstick scores the draft "
+                               "on (baldeagle score; their answers are made once, about 2 min for 40)", min=1, default=40)
     score_new_tokens: int = _help("answer tokens per yardstick prompt", min=2, default=128)
 
 

@@ -9,7 +9,7 @@ fast; an interrupted run resumes). This file doubles as the tutorial: read it to
     out/train/                   training checkpoints; out/draft/ is the trained EAGLE-3 draft
     out/eval/eval.json           MT-bench (held out), tree mode, plus acceptance.png
     out/eval/chain/eval.json     the same in chain mode
-    out/score/score.json         the yardstick: chain τ on all MT-bench first turns, teacher-forced
+    out/score/score.json         the yardstick: chain τ on 40 MT-bench first turns, teacher-forced
     out/export/{vllm,sglang,speculators}/   what each engine loads, with its serving command
     out/summary.json, out/summary.md
 """
@@ -129,7 +129,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
                               limit=cfg.eval_prompts, first_turn_only=True, max_new_tokens=cfg.eval_new_tokens,
                               prompt_lookup=mode == "tree", timing_repeats=1, **TREE)
         _stage(f"eval ({mode})", out / "eval.json", timings, lambda eval_cfg=eval_cfg: run_eval(eval_cfg))
-    # 6. The yardstick: chain acceptance on every MT-bench first turn, teacher-forced on the target's
+    # 6. The yardstick: chain acceptance on MT-bench first turns, teacher-forced on the target's
     #    cached greedy answers (made once, reused by every later run), in seconds per draft.
     score_out = root / "score"
     _stage("score", score_out / "score.json", timings, lambda: run_score(ScoreConfig(
