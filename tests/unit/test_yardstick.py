@@ -188,7 +188,7 @@ def test_training_logs_the_yardstick_and_score_agrees(saved, cache, tmp_path):
     cfg = TrainConfig(model=str(saved / "target"), data=str(data), out=str(tmp_path / "train"), ttt_steps=2,
                       draft_vocab_size=32, max_steps=3, per_device_train_batch_size=4, eval_fraction=0.0,
                       max_length=48, eval_prompts=prompts, eval_prompts_new_tokens=16, eval_chain_k=2,
-                      logging_steps=1, save_steps=1000)
+                      logging_steps=1, save_steps=1000, eval_steps=2)
     metrics = run_train(cfg)
     assert 1.0 <= metrics["eval_prompts_tau"] <= 3.0
     assert {"eval_prompts_tau_chat", "eval_prompts_tau_math", "eval_prompts_acc_pos2"} <= set(metrics)
@@ -198,6 +198,9 @@ def test_training_logs_the_yardstick_and_score_agrees(saved, cache, tmp_path):
     logged = [h for h in saved_metrics["log_history"] if "loss" in h]
     assert [h["step"] for h in logged] == [1, 2, 3] and logged[-1]["target_tokens"] == 3 * (40 + 36 + 32 + 28)
     assert 0 < logged[0]["train_minutes"] <= logged[-1]["train_minutes"]
+    # eval_steps=2 without a held-out split: the yardstick's own schedule scored step 2, then the end
+    # (the score before training is in eval_before_training)
+    assert [h["step"] for h in saved_metrics["log_history"] if "eval_prompts_tau" in h] == [2, 3]
     # the stage on the saved draft scores the same answers with the same features: the same number
     assert main(["score", "--model", str(saved / "target"), "--draft", str(tmp_path / "train" / "final"),
                  "--prompts", prompts, "--max-new-tokens", "16", "--num-draft-tokens", "2",

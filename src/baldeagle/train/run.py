@@ -32,7 +32,7 @@ from baldeagle.model.vocab import build_draft_vocab, count_trained_tokens
 from baldeagle.targets import load_target, stop_token_ids
 from baldeagle.train.collate import PadCollator, add_length_column
 from baldeagle.train.objective import DraftObjective
-from baldeagle.train.trainer import EagleTrainer, TimeBudget
+from baldeagle.train.trainer import EagleTrainer, EvaluateEvery, TimeBudget
 
 CHECKPOINT_FILES = (CONFIG_NAME, WEIGHTS_NAME, TRAINER_STATE_NAME)  # the Trainer writes its state last
 BEFORE_NAME = "eval_before_training.json"  # the untrained draft's held-out metrics, kept for --resume
@@ -81,7 +81,7 @@ def training_arguments(cfg: TrainConfig) -> TrainingArguments:
         per_device_eval_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         logging_steps=cfg.logging_steps,
-        eval_strategy="steps" if cfg.eval_steps > 0 and (cfg.eval_fraction > 0 or cfg.eval_prompts) else "no",
+        eval_strategy="steps" if cfg.eval_steps > 0 and cfg.eval_fraction > 0 else "no",
         eval_steps=cfg.eval_steps or None,
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
@@ -247,6 +247,9 @@ def run_train(cfg: TrainConfig) -> dict:
     else:
         del target  # offline: the store replaces the target's forward; free its memory
     budget = TimeBudget(cfg.max_minutes) if cfg.max_minutes > 0 else None
+    callbacks = [budget] if budget else []
+    if yardstick is not None and eval_rows is None and cfg.eval_steps > 0:
+        callbacks.append(EvaluateEvery(cfg.eval_steps))  # no held-out split: the yardstick's own schedule
     trainer = EagleTrainer(
         model=DraftObjective(draft, cfg.ttt_steps, cfg.feature_noise, cfg.ttt_step_weight),
         args=args,
@@ -256,7 +259,7 @@ def run_train(cfg: TrainConfig) -> dict:
         features=features,
         yardstick=yardstick,
         yardstick_k=cfg.eval_chain_k,
-        callbacks=[budget] if budget else None,
+        callbacks=callbacks or None,
     )
     if budget:
         budget.clock = trainer.training_clock  # evaluations do not use up the training budget

@@ -215,3 +215,16 @@ class TimeBudget(TrainerCallback):
             control.should_training_stop = True
             control.should_save = True
         return control
+
+
+class EvaluateEvery(TrainerCallback):
+    """Asks for an evaluation every `steps` optimizer steps. The Trainer's own schedule needs a
+    held-out split; this one serves a run scored by the yardstick alone (eval_fraction=0)."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.steps == 0:
+            control.should_evaluate = True
+        return control
