@@ -76,7 +76,7 @@ def train_peer(args, mark: float, d2t: Path, out: Path) -> Path:
                    str(d2t), "--minutes", str(mark), "--epochs", "1000", "--threads", str(args.threads or 0),
                    "--ttt-steps", "3", "--draft-vocab", "8192", "--lr", "1e-3", "--batch-size", "4",
                    "--max-length", "512", "--target-dtype", args.target_dtype or training_target_dtype(),
-                   "--val-rows", "0"]
+                   "--val-rows", "0", "--scheduler", "none"]  # constant lr, as ours after its 20 warm-up steps
         with open(out / f"peer-{mark:g}min.log", "w") as log:
             if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode:
                 sys.exit(f"peer training failed: see {out / f'peer-{mark:g}min.log'}")
