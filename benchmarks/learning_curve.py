@@ -4,9 +4,10 @@ target tokens read, for BaldEagle and (with --peer) speculators 0.9.0 on the sam
 Ours: one `baldeagle train` run with the quickstart's settings for the largest budget, scored by
 the yardstick every --eval-every steps (`eval_prompts`); each budget reads the last evaluation at
 or before it on the training clock (`train_minutes`, evaluations excluded). The peer has no
-yardstick inside its loop: it trains once per budget (benchmarks/peer_speculators_draft.py in
-.venv-speculators, same rows, draft vocabulary, TTT steps, lr, batch and length), is converted
-with `load_exported` and scored by `baldeagle score` on the same cached answers.
+yardstick inside its loop: it trains once to the largest budget (benchmarks/peer_speculators_draft.py
+in .venv-speculators, same rows, draft vocabulary, TTT steps, lr, batch and length) and saves its
+draft at every smaller one (`--save-at`, off its clock); each save is converted with `load_exported`
+and scored by `baldeagle score` on the same cached answers.
 
     .venv/bin/python benchmarks/learning_curve.py --data runs/quickstart/prepared --marks 6,12,24,48
     # side by side, one thread each (two processes at once), the peer with our draft's vocabulary:
@@ -63,25 +64,35 @@ def at_marks(points: list[dict], marks: list[float]) -> list[dict]:
     return rows
 
 
-def train_peer(args, mark: float, d2t: Path, out: Path) -> Path:
-    """The peer trained `mark` minutes, converted to a BaldEagle draft folder."""
+def train_peer(args, d2t: Path, out: Path) -> list[dict]:
+    """The peer trained once to the largest mark, saved at every mark (its lr is constant, so a
+    save at M minutes is an M-minute run), each converted to a BaldEagle draft folder and scored;
+    → [{mark, minutes, step, tokens, tau, categories}]."""
     from baldeagle.export import load_exported
     from baldeagle.model.checkpoint import save_draft
     from baldeagle.targets import resolve_model
 
-    folder = out / f"peer-{mark:g}min"
+    folder, last = out / "peer", max(args.marks)
     if not (folder / "speculators" / "config.json").is_file():
         command = [args.peer_python, str(REPO / "benchmarks" / "peer_speculators_draft.py"), "--data", args.data,
                    "--out", str(folder), "--target", resolve_model(args.model), "--d2t",
-                   str(d2t), "--minutes", str(mark), "--epochs", "1000", "--threads", str(args.threads or 0),
+                   str(d2t), "--minutes", str(last), "--epochs", "1000", "--threads", str(args.threads or 0),
+                   "--save-at", ",".join(f"{m:g}" for m in args.marks if m != last),
                    "--ttt-steps", "3", "--draft-vocab", "8192", "--lr", "1e-3", "--batch-size", "4",
                    "--max-length", "512", "--target-dtype", args.target_dtype or training_target_dtype(),
                    "--val-rows", "0", "--scheduler", "none"]  # constant lr, as ours after its 20 warm-up steps
-        with open(out / f"peer-{mark:g}min.log", "w") as log:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(out / "peer.log", "w") as log:
             if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO).returncode:
-                sys.exit(f"peer training failed: see {out / f'peer-{mark:g}min.log'}")
-    draft = load_exported(folder / "speculators", target=resolve_model(args.model))
-    return save_draft(draft, folder / "baldeagle")
+                sys.exit(f"peer training failed: see {out / 'peer.log'}")
+    rows = []
+    for mark in args.marks:
+        at = folder if mark == last else folder / f"at-{mark:g}min"
+        info = json.loads((at / "train.json").read_text())
+        draft = save_draft(load_exported(at / "speculators", target=resolve_model(args.model)), at / "baldeagle")
+        rows.append({"mark": mark, "minutes": info["train_seconds"] / 60, "step": info["steps"],
+                     "tokens": info["target_tokens"], **score(args, draft, at / "score")})
+    return rows
 
 
 def score(args, draft: Path, out: Path) -> dict:
@@ -97,13 +108,17 @@ def plot(ours: list[dict], peer: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([p["minutes"] for p in ours], [p["tau"] for p in ours], "o-", label="BaldEagle (every evaluation)")
-    if peer:
-        ax.plot([p["mark"] for p in peer], [p["tau"] for p in peer], "s--", label="speculators 0.9.0")
-    ax.set(xlabel="training minutes (this machine)", ylabel="MT-bench chain τ (yardstick)", title="learning curve")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, key, label in ((axes[0], "minutes", "training minutes (this machine)"),
+                           (axes[1], "tokens", "target tokens read")):
+        ax.plot([p[key] for p in ours], [p["tau"] for p in ours], "o-", label="BaldEagle (every evaluation)")
+        if peer:
+            ax.plot([p[key] for p in peer], [p["tau"] for p in peer], "s--", label="speculators 0.9.0")
+        ax.set(xlabel=label)
+        ax.grid(alpha=0.3)
+    axes[0].set(ylabel="MT-bench chain τ (yardstick)")
+    axes[0].legend()
+    fig.suptitle("learning curve")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -140,8 +155,7 @@ def main() -> None:
         report(rows, "BaldEagle", out / "curve-ours.md")
     if args.side in ("peer", "both"):
         d2t = Path(args.peer_d2t) if args.peer_d2t else out / "ours" / "final" / "model.safetensors"
-        rows = [{"mark": m, "minutes": m, **score(args, train_peer(args, m, d2t, out), out / f"peer-{m:g}min" / "score")}
-                for m in args.marks]
+        rows = train_peer(args, d2t, out)
         (out / "curve-peer.json").write_text(json.dumps({"at_marks": rows}, indent=2) + "\n")
         report(rows, "speculators 0.9.0", out / "curve-peer.md")
     if (out / "curve-ours.json").is_file():

@@ -69,6 +69,9 @@ def parse_args(argv=None):
                    "built by speculators' build_vocab_mappings_from_distribution")
     p.add_argument("--minutes", type=float, default=0.0, help="training wall-clock budget (0 = none); the step "
                    "that crosses it is the last, as in BaldEagle's TimeBudget")
+    p.add_argument("--save-at", default="", help="comma-separated training minutes at which the draft is also saved "
+                   "(OUT/at-Mmin/speculators and OUT/at-Mmin/train.json: steps and target tokens so far); the "
+                   "save time is left off the training clock")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the train rows (the LR schedule spans them)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = no limit)")
     p.add_argument("--ttt-steps", type=int, default=3)
@@ -297,6 +300,16 @@ def reference(args, target, draft, layer_ids, rows, row_id):
 # ------------------------------------------------------------------------------------------
 
 
+def save_partial(draft, folder: Path, step: int, target_tokens: int, seconds: float) -> float:
+    """The draft as it is now, for a learning curve; → seconds spent (kept off the training clock)."""
+    t0 = time.monotonic()
+    draft.save_pretrained(str(folder / "speculators"))
+    (folder / "train.json").write_text(json.dumps({"steps": step, "target_tokens": target_tokens,
+                                                   "train_seconds": round(seconds, 1)}) + "\n")
+    print(f"saved {folder} at step {step} ({seconds:.0f}s)", flush=True)
+    return time.monotonic() - t0
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
@@ -328,6 +341,8 @@ def main(argv=None):
 
     generator = torch.Generator().manual_seed(args.seed)
     log, step, stop_reason = [], 0, ""
+    save_marks = sorted(float(m) for m in args.save_at.split(",") if m.strip())
+    target_tokens = 0
     load_before = os.getloadavg()[0]
     start = time.monotonic()
     while not stop_reason:
@@ -335,6 +350,7 @@ def main(argv=None):
         for first in range(0, len(order), args.batch_size):
             t0, c0 = time.perf_counter(), time.process_time()
             batch = make_batch(target, layer_ids, rows, order[first: first + args.batch_size])
+            target_tokens += sum(len(rows[i][0]) for i in order[first: first + args.batch_size])
             _, loss, metrics = draft(**batch, ttt_steps=args.ttt_steps, ttt_step_loss_decay=args.ttt_step_loss_decay,
                                      loss_config=loss_config)
             for opt in optimisers:
@@ -354,6 +370,9 @@ def main(argv=None):
             if step == 1 or step % args.log_every == 0:
                 print(f"step {step}: loss {record['loss']:.4f} acc {record['acc']} {record['seconds']:.2f}s "
                       f"({time.monotonic() - start:.0f}s elapsed)", flush=True)
+            while save_marks and time.monotonic() - start > save_marks[0] * 60:
+                start += save_partial(draft, out / f"at-{save_marks.pop(0):g}min", step, target_tokens,
+                                      time.monotonic() - start)
             if args.minutes and time.monotonic() - start > args.minutes * 60:
                 stop_reason = "time budget"
             elif args.max_steps and step >= args.max_steps:
@@ -390,6 +409,7 @@ def main(argv=None):
         "stop_reason": stop_reason,
         "train_seconds": round(train_seconds, 1),
         "trained_tokens": sum(r["trained_tokens"] for r in log),
+        "target_tokens": target_tokens,
         "trainable_params": trainable,
         # busy cores of this process while training: well below the machine's cores means contention
         "cpu_cores_used": round(sum(r["cpu_seconds"] for r in log) / max(sum(r["seconds"] for r in log), 1e-9), 2),
