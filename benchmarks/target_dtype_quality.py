@@ -63,7 +63,7 @@ def main() -> None:
     for name, (dtype, seed, data) in variants.items():
         if not (root / name / "final").exists():
             train_run.run_train(TrainConfig(out=str(root / name), target_dtype=dtype, seed=seed, data=data,
-                                            **settings, training_args={"disable_tqdm": True}))
+                                            **settings, disable_tqdm=True))
 
     target = load_target("smollm2", torch.float32)
     collate = PadCollator(pad_token_id=int(target.config.pad_token_id or 0), max_length=512)

@@ -106,7 +106,7 @@ def run_ours(args) -> dict:
             data=args.packed, out=out, ttt_steps=args.ttt_steps, draft_vocab_size=args.draft_vocab,
             max_length=args.seq_len, target_dtype=args.target_dtype, learning_rate=args.lr, warmup_steps=0, max_steps=total,
             per_device_train_batch_size=1, logging_steps=1000, save_steps=100000, eval_fraction=0.0,
-            training_args={"train_sampling_strategy": "sequential", "disable_tqdm": True},
+            train_sampling_strategy="sequential", disable_tqdm=True,
         ))
     # Trained tokens as the peer counts them: loss-masked tokens a position predicts (not x_0).
     trained = [sum(rows[i]["loss_mask"][1:]) for i in range(args.warmup_steps, total)]

@@ -12,9 +12,8 @@ import dataclasses
 import importlib
 import re
 import sys
-import typing
 
-from baldeagle.config import STAGES, ConfigError, load_config, parse_overrides
+from baldeagle.config import STAGES, ConfigError, expected_type, load_config, parse_overrides, value_parser
 
 # stage → ("module:function", one-line help). Modules are imported only when their stage runs.
 RUNNERS: dict[str, tuple[str, str]] = {
@@ -33,22 +32,30 @@ RUNNERS: dict[str, tuple[str, str]] = {
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w-]*=")
 
 
-def _add_field(parser: argparse.ArgumentParser, field: dataclasses.Field, annotation) -> None:
-    help_text = field.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help strings
-    default = field.default if field.default is not dataclasses.MISSING else None
-    default = str(default).replace("%", "%%") if annotation is bool else repr(default).replace("%", "%%")
-    if field.metadata.get("positional"):
-        parser.add_argument(field.name, nargs="?", default=argparse.SUPPRESS, help=help_text)
+def _add_field(parser: argparse.ArgumentParser, spec: dataclasses.Field, typed: argparse.Action) -> None:
+    """One field as `--name-with-dashes` (and `--name_with_underscores`). Values stay text here:
+    `load_config` types them with HfArgumentParser after the YAML file and overrides."""
+    help_text = spec.metadata.get("help", "")
+    if spec.default is not dataclasses.MISSING:
+        default = spec.default
+    elif spec.default_factory is not dataclasses.MISSING:
+        default = spec.default_factory()
+    else:
+        default = None
+    if spec.metadata.get("positional"):
+        parser.add_argument(spec.name, nargs="?", default=argparse.SUPPRESS, help=help_text.replace("%", "%%"))
         return
-    flag = "--" + field.name.replace("_", "-")
-    if annotation is bool:
-        parser.add_argument(flag, dest=field.name, action="store_const", const=True,
-                            default=argparse.SUPPRESS, help=f"{help_text} (default: {default})")
-        parser.add_argument("--no-" + flag[2:], dest=field.name, action="store_const", const=False,
+    flags = ["--" + spec.name.replace("_", "-")] + (["--" + spec.name] if "_" in spec.name else [])
+    # argparse %-formats help strings: a bare % would crash --help
+    described = f"{help_text} ({expected_type(typed)}; default: {default!r})".replace("%", "%%")
+    if getattr(typed.type, "__name__", "") == "string_to_bool":
+        parser.add_argument(*flags, dest=spec.name, action="store_const", const=True, default=argparse.SUPPRESS,
+                            help=described)
+        parser.add_argument("--no-" + flags[0][2:], dest=spec.name, action="store_const", const=False,
                             default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         return
-    parser.add_argument(flag, dest=field.name, default=argparse.SUPPRESS, metavar=field.name.upper(),
-                        help=f"{help_text} (default: {default})")
+    parser.add_argument(*flags, dest=spec.name, default=argparse.SUPPRESS, metavar=spec.name.upper(),
+                        help=described)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,9 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
         cls = STAGES[stage]
         sub = subparsers.add_parser(stage, help=help_text, description=help_text)
         sub.add_argument("--config", default=None, help="YAML file with this stage's settings")
-        hints = typing.get_type_hints(cls)
-        for field in dataclasses.fields(cls):
-            _add_field(sub, field, hints[field.name])
+        typed = {action.dest: action for action in value_parser(cls)._actions}
+        for spec in dataclasses.fields(cls):
+            if spec.init:
+                _add_field(sub, spec, typed[spec.name])
         sub.add_argument("overrides", nargs="*", metavar="key=value", help="settings overriding --config")
     return parser
 

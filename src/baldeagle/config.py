@@ -7,14 +7,20 @@ into each stage's output folder (`write_resolved`).
 
 from __future__ import annotations
 
+import argparse
+import copy
 import dataclasses
-import types
+import difflib
+import functools
+import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+from transformers import HfArgumentParser, TrainingArguments
 
 from baldeagle.errors import BaldEagleError
 
@@ -22,6 +28,8 @@ from baldeagle.errors import BaldEagleError
 class ConfigError(BaldEagleError):
     """A configuration problem a user can fix; the message names the key and its source."""
 
+
+TRAINER_FIELDS = frozenset(spec.name for spec in dataclasses.fields(TrainingArguments))
 
 # Bounds a numeric field may declare in its metadata (`min=0` in `_help`), checked on load.
 BOUNDS = {
@@ -36,6 +44,20 @@ def _help(text: str, **kwargs) -> Any:
     return field(metadata={"help": text, **bounds, **kwargs.pop("metadata", {})}, **kwargs)
 
 
+# Fields several stages share, defined once.
+def model_field() -> Any:
+    return _help("target: packaged name (smollm2), local folder or hub id", default="smollm2")
+
+
+def trust_remote_code_field() -> Any:
+    return _help("allow code from the model repository to run", default=False)
+
+
+def target_dtype_field() -> Any:
+    return _help("dtype of the target (and, when decoding, of the draft): float32, bfloat16 or float16",
+                 default="float32")
+
+
 # --------------------------------------------------------------------------------------------
 # Stage configurations. Field names are the YAML keys and the CLI flags (`max_length` is
 # `--max-length` or `max_length=...`).
@@ -44,7 +66,7 @@ def _help(text: str, **kwargs) -> Any:
 
 @dataclass
 class PrepareConfig:
-    model: str = _help("target: packaged name (smollm2), local folder or hub id", default="smollm2")
+    model: str = model_field()
     dataset: str = _help(
         "conversations: mtbench, chitchat, ultrachat, sharegpt, a hub id, or a JSON/JSONL/Parquet file",
         default="chitchat",
@@ -60,7 +82,7 @@ class PrepareConfig:
     strict: bool = _help("stop at the first bad row instead of skipping it", default=False)
     num_proc: int = _help("tokenisation processes (0 = all cores)", min=0, default=0)
     overwrite: bool = _help("replace an existing output folder", default=False)
-    trust_remote_code: bool = _help("allow code from the model repository to run", default=False)
+    trust_remote_code: bool = trust_remote_code_field()
 
 
 @dataclass
@@ -74,8 +96,15 @@ class ViewConfig:
 
 
 @dataclass
-class TrainConfig:
-    model: str = _help("target: packaged name (smollm2), local folder or hub id", default="smollm2")
+class TrainConfig(TrainingArguments):
+    """`baldeagle train`: BaldEagle's fields beside every `transformers.TrainingArguments` field.
+
+    Trainer's own fields are settable by name (YAML, `key=value`, `--flag`) with their types and
+    help; those redeclared below keep Trainer's meaning with the defaults an EAGLE draft wants.
+    `output_dir` is `out`; the Trainer gets this object as its `args`.
+    """
+
+    model: str = model_field()
     data: str = _help("prepared dataset folder (baldeagle prepare)", default="runs/prepared")
     out: str = _help("output folder: checkpoints and the final draft", default="runs/draft")
     draft_type: str = _help("eagle3 or eagle1", default="eagle3")
@@ -89,41 +118,56 @@ class TrainConfig:
     eval_fraction: float = _help("share of prepared rows held out for evaluation", min=0, lt=1, default=0.05)
     max_length: int = _help("truncate training rows to this many tokens", min=1, default=2048)
     feature_noise: float = _help("EAGLE-1 uniform noise on input features (scaled by 512/len)", min=0, default=0.2)
-    target_dtype: str = _help("dtype of the frozen target: float32, bfloat16 or float16", default="float32")
-    learning_rate: float = _help("peak learning rate", gt=0, default=1e-4)
-    lr_scheduler_type: str = _help("Transformers scheduler name", default="cosine")
-    warmup_steps: float = _help("warm-up steps, or a share of all steps when below 1", min=0, default=0.02)
-    weight_decay: float = _help("AdamW weight decay", min=0, default=0.0)
-    max_grad_norm: float = _help("gradient clipping", min=0, default=0.5)
-    num_train_epochs: float = _help("epochs over the prepared data", gt=0, default=1.0)
-    max_steps: int = _help("stop after this many optimizer steps (-1 = use epochs)", min=-1, default=-1)
+    target_dtype: str = target_dtype_field()
     max_minutes: float = _help("stop (and save) after this much training time (0 = no limit)", min=0, default=0.0)
-    per_device_train_batch_size: int = _help("rows per device per step", min=1, default=1)
-    gradient_accumulation_steps: int = _help("micro-batches per optimizer step", min=1, default=1)
-    logging_steps: int = _help("log metrics every N steps", min=1, default=10)
-    eval_steps: int = _help("evaluate every N steps (0 = at the end only)", min=0, default=0)
-    save_steps: int = _help("checkpoint every N steps", min=1, default=500)
-    save_total_limit: int = _help("keep at most this many checkpoints", min=1, default=2)
-    report_to: str = _help("none, tensorboard or wandb", default="none")
-    seed: int = _help("random seed", min=0, default=0)
-    bf16: bool = _help("train the draft in bfloat16 mixed precision (GPU)", default=False)
     resume: bool = _help("continue from the last checkpoint in --out", default=False)
     overwrite: bool = _help("replace an existing output folder", default=False)
-    dataloader_num_workers: int = _help("data loader worker processes", min=0, default=0)
-    deepspeed: str = _help("DeepSpeed JSON config (GPU)", default="")
-    fsdp: str = _help("FSDP options, e.g. 'full_shard auto_wrap' (GPU)", default="")
-    training_args: dict = _help("any other transformers.TrainingArguments fields", default_factory=dict)
     eval_prompts: str = _help("also score the draft at every evaluation on these prompts (mtbench or a JSONL "
                               "file): chain acceptance on the target's cached greedy answers; empty = no", default="")
     eval_prompts_limit: int = _help("score at most this many of eval_prompts (0 = all)", min=0, default=0)
     eval_prompts_new_tokens: int = _help("answer tokens per eval_prompts prompt", min=2, default=256)
     eval_chain_k: int = _help("draft tokens per chain step when scoring eval_prompts", min=1, max=8, default=3)
-    trust_remote_code: bool = _help("allow code from the model repository to run", default=False)
+    trust_remote_code: bool = trust_remote_code_field()
+
+    # Trainer fields with BaldEagle's defaults (same names and meaning as in TrainingArguments).
+    learning_rate: float = _help("peak learning rate", gt=0, default=1e-4)
+    lr_scheduler_type: str = _help("Transformers scheduler name (linear, cosine, constant_with_warmup, ...)",
+                                   default="cosine")
+    warmup_steps: float = _help("warm-up steps, or a share of all steps when below 1", min=0, default=0.02)
+    max_grad_norm: float = _help("gradient clipping", min=0, default=0.5)
+    num_train_epochs: float = _help("epochs over the prepared data", gt=0, default=1.0)
+    max_steps: int = _help("stop after this many optimizer steps (-1 = use epochs)", min=-1, default=-1)
+    per_device_train_batch_size: int = _help("rows per device per step", min=1, default=1)
+    per_device_eval_batch_size: int = _help("rows per device per evaluation step (0 = the train batch size)",
+                                            min=0, default=0)
+    gradient_accumulation_steps: int = _help("micro-batches per optimizer step", min=1, default=1)
+    logging_steps: float = _help("log metrics every N steps", gt=0, default=10)
+    eval_steps: float = _help("evaluate every N steps (0 = at the end only); sets eval_strategy=steps when rows "
+                              "are held out", min=0, default=0)
+    save_steps: float = _help("checkpoint every N steps", gt=0, default=500)
+    save_total_limit: int | None = _help("keep at most this many checkpoints", min=1, default=2)
+    seed: int = _help("random seed", min=0, default=0)
+    train_sampling_strategy: str = _help("group_by_length (rows of similar length per batch), random or "
+                                         "sequential", default="group_by_length")
+    # Fixed by BaldEagle: the collator needs every column; the objective computes its own loss.
+    output_dir: str | None = field(default=None, init=False)
+    remove_unused_columns: bool = field(default=False, init=False)
+    label_names: list[str] | None = field(default_factory=list, init=False)
+
+    def __post_init__(self):
+        self.output_dir = self.out
+        if not self.per_device_eval_batch_size:
+            self.per_device_eval_batch_size = self.per_device_train_batch_size
+        if self.eval_steps and self.eval_fraction > 0 and self.eval_strategy == "no":
+            self.eval_strategy = "steps"
+        # Without an accelerator, say so: torchrun / accelerate then run DDP over gloo on CPUs.
+        self.use_cpu = self.use_cpu or not torch.accelerator.is_available()
+        super().__post_init__()
 
 
 @dataclass
 class FeaturesConfig:
-    model: str = _help("target: packaged name (smollm2), local folder or hub id", default="smollm2")
+    model: str = model_field()
     data: str = _help("prepared dataset folder (baldeagle prepare)", default="runs/prepared")
     out: str = _help("feature store folder", default="runs/features")
     draft_type: str = _help("eagle3 or eagle1: decides what is stored", default="eagle3")
@@ -134,13 +178,13 @@ class FeaturesConfig:
     limit: int = _help("store at most this many rows (0 = all)", min=0, default=0)
     max_bytes: int = _help("store at most this many bytes (0 = no limit)", min=0, default=0)
     force: bool = _help("write even if the free disk looks too small", default=False)
-    target_dtype: str = _help("dtype of the target: float32, bfloat16 or float16", default="float32")
-    trust_remote_code: bool = _help("allow code from the model repository to run", default=False)
+    target_dtype: str = target_dtype_field()
+    trust_remote_code: bool = trust_remote_code_field()
 
 
 @dataclass
 class EvalConfig:
-    model: str = _help("target: packaged name (smollm2), local folder or hub id", default="smollm2")
+    model: str = model_field()
     draft: str = _help("draft checkpoint folder (baldeagle train)", default="runs/draft/final")
     out: str = _help("output folder: eval.json, acceptance.png", default="runs/eval")
     prompts: str = _help("mtbench, or a JSONL file with `turns` or `messages` per line", default="mtbench")
@@ -159,13 +203,13 @@ class EvalConfig:
         "times each turn's decoders are run, interleaved (order reversed every other time); speedups use "
         "per-decoder medians", min=1, default=2)
     seed: int = _help("random seed for sampling", min=0, default=0)
-    target_dtype: str = _help("dtype of the target and draft: float32 or bfloat16", default="float32")
-    trust_remote_code: bool = _help("allow code from the model repository to run", default=False)
+    target_dtype: str = target_dtype_field()
+    trust_remote_code: bool = trust_remote_code_field()
 
 
 @dataclass
 class ScoreConfig:
-    model: str = _help("target: packaged name (smollm2), local folder or hub id", default="smollm2")
+    model: str = model_field()
     draft: str = _help("draft checkpoint folder (baldeagle train)", default="runs/draft/final")
     out: str = _help("output folder: score.json", default="runs/score")
     prompts: str = _help("mtbench, or a JSONL file with `turns` or `messages` per line (first turns)", default="mtbench")
@@ -175,9 +219,9 @@ class ScoreConfig:
     num_draft_tokens: int = _help("chain: tokens drafted per step (k)", min=1, max=8, default=3)
     answers: str = _help("answer cache folder (default: one per target, template, prompts and length "
                          "under the BaldEagle cache)", default="")
-    target_dtype: str = _help("dtype of the target and draft: float32 or bfloat16", default="float32")
+    target_dtype: str = target_dtype_field()
     batch_size: int = _help("prompts per generation batch when the answers are made", min=1, default=16)
-    trust_remote_code: bool = _help("allow code from the model repository to run", default=False)
+    trust_remote_code: bool = trust_remote_code_field()
 
 
 @dataclass
@@ -195,7 +239,7 @@ class ExportConfig:
 
 @dataclass
 class ServeBenchConfig:
-    model: str = field(default="smollm2", metadata={"help": "target: packaged name (smollm2), local folder or hub id"})
+    model: str = model_field()
     draft: str = field(default="runs/export", metadata={"help": "exported draft folder, or a BaldEagle draft (exported on the fly)"})
     engine: str = field(default="vllm", metadata={"help": "vllm (sglang: not on CPU machines)"})
     out: str = field(default="runs/serve-bench", metadata={"help": "output folder: eval.json, engine logs"})
@@ -215,7 +259,7 @@ class ServeBenchConfig:
 
 @dataclass
 class RegenerateConfig:
-    model: str = _help("target: packaged name (smollm2), local folder or hub id", default="smollm2")
+    model: str = model_field()
     dataset: str = _help("conversations whose user turns are answered (a prepare source); empty = none",
                          default="chitchat")
     out: str = _help("output conversations file (JSONL, `messages` per line; prepare reads it)",
@@ -239,14 +283,14 @@ class RegenerateConfig:
                                min=0, default=0.0)
     backend: str = _help("hf (Transformers generate) or vllm (needs vllm installed)", default="hf")
     tensor_parallel_size: int = _help("vllm backend: GPUs per model", min=1, default=1)
-    target_dtype: str = _help("dtype of the target: float32, bfloat16 or float16", default="float32")
+    target_dtype: str = target_dtype_field()
     system_prompt: str = _help("system prompt injected into rows that have none", default="")
-    trust_remote_code: bool = _help("allow code from the model repository to run", default=False)
+    trust_remote_code: bool = trust_remote_code_field()
 
 
 @dataclass
 class QuickstartConfig:
-    model: str = _help("target: packaged name (smollm2), local folder or hub id", default="smollm2")
+    model: str = model_field()
     out: str = _help("root folder for every stage's output", default="runs/quickstart")
     minutes: float = _help("time budget of the whole run: regeneration gets 25%, training 40%", gt=0, default=30.0)
     dataset: str = _help("conversations whose user turns the target answers (MT-bench stays held out)",
@@ -283,7 +327,34 @@ STAGES: dict[str, type] = {
 
 
 def field_names(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
+    return [f.name for f in dataclasses.fields(cls) if f.init]
+
+
+class _ParseError(Exception):
+    pass
+
+
+class _Parser(HfArgumentParser):
+    """HfArgumentParser that reads one value at a time and raises instead of exiting."""
+
+    def error(self, message: str):
+        raise _ParseError(message)
+
+    @staticmethod
+    def _parse_dataclass_field(parser, spec: dataclasses.Field):
+        # HfArgumentParser hands a field's metadata to argparse: keep only what argparse knows.
+        spec = copy.copy(spec)
+        spec.metadata = {k: v for k, v in spec.metadata.items() if k in ("help", "aliases")}
+        HfArgumentParser._parse_dataclass_field(parser, spec)
+
+
+@functools.cache
+def value_parser(cls: type) -> _Parser:
+    """`cls`'s HfArgumentParser with every default suppressed: a parse returns only what it was given."""
+    parser = _Parser(cls, add_help=False)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return parser
 
 
 def _yaml(text: str, key: str, source: str) -> Any:
@@ -294,47 +365,55 @@ def _yaml(text: str, key: str, source: str) -> Any:
         raise ConfigError(f"{key} (from {source}) is not valid YAML: {text!r} ({error.problem})") from None
 
 
-def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
-    """Convert a YAML/CLI value to the field's declared type, or raise naming the key."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key, source)
-    if origin in (list, tuple):
-        if isinstance(value, str):
-            value = _yaml(value, key, source) if value.strip().startswith("[") else value.split(",")
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        return [_coerce(v, args[0] if args else str, key, source) for v in value]
-    if origin is dict or annotation is dict:
-        if isinstance(value, str):
-            value = _yaml(value, key, source)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} (from {source}) must be a mapping, got {value!r}")
-        return value
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in ("1", "true", "yes", "on"):
-            return True
-        if text in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{key} (from {source}) must be true or false, got {value!r}")
-    if annotation in (int, float):
-        try:
-            number = annotation(value) if not isinstance(value, str) else annotation(_yaml(value, key, source))
-        except (TypeError, ValueError):
-            raise ConfigError(f"{key} (from {source}) must be {annotation.__name__}, got {value!r}") from None
-        if annotation is int and isinstance(value, float) and value != int(value):
-            raise ConfigError(f"{key} (from {source}) must be an integer, got {value!r}")
-        return number
-    if annotation is str:
-        return "" if value is None else str(value)
-    return value
+def expected_type(action: argparse.Action) -> str:
+    if action.choices:
+        return "one of " + ", ".join(str(c) for c in action.choices)
+    if getattr(action.type, "__name__", "") == "string_to_bool":
+        return "true or false"
+    return getattr(action.type, "__name__", "text")
+
+
+def _as_words(value: Any, action: argparse.Action, key: str, source: str) -> list[str] | None:
+    """A YAML or command-line value as the command-line words HfArgumentParser reads; None when
+    the value needs no parsing (an empty list)."""
+    listed = action.nargs in ("+", "*")
+    if isinstance(value, str) and (value.strip().startswith("{") or listed and value.strip().startswith("[")):
+        value = _yaml(value, key, source)  # `key=[1,2]`, `key={a: 1}`
+    if listed:
+        items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+        return [str(item).strip() for item in items] or None
+    if isinstance(value, bool):
+        return ["true" if value else "false"]
+    if isinstance(value, (dict, list)):
+        return [json.dumps(value)]  # Trainer's dict fields (fsdp_config, ...) read JSON text
+    return [str(value)]
+
+
+def _suggestion(name: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(name, names, n=3)
+    if close:
+        return f" (did you mean {' or '.join(close)}?)"
+    return f"; valid keys: {', '.join(names)}" if len(names) <= 40 else "; `baldeagle STAGE --help` lists them"
+
+
+def typed_value(cls: type, key: str, value: Any, source: str) -> Any:
+    """One setting, typed by `cls`'s HfArgumentParser, or a ConfigError naming the key and source."""
+    name = str(key).replace("-", "_")
+    actions = {a.dest: a for a in value_parser(cls)._actions}
+    if name not in actions or name not in field_names(cls):
+        raise ConfigError(f"unknown key '{key}' in {source} for {cls.__name__}{_suggestion(name, field_names(cls))}")
+    if value is None:
+        return None
+    words = _as_words(value, actions[name], name, source)
+    if words is None:
+        return []
+    try:
+        parsed, rest = value_parser(cls).parse_known_args([actions[name].option_strings[0], *words])
+    except _ParseError:
+        rest, parsed = True, None
+    if rest or parsed is None or name not in vars(parsed):
+        raise ConfigError(f"{name} (from {source}) must be {expected_type(actions[name])}, got {value!r}")
+    return getattr(parsed, name)
 
 
 def check_bounds(value: Any, spec: dataclasses.Field, source: str) -> None:
@@ -349,20 +428,15 @@ def check_bounds(value: Any, spec: dataclasses.Field, source: str) -> None:
 
 
 def _apply(values: dict, updates: dict, cls: type, source: str) -> None:
-    hints = typing.get_type_hints(cls)
     specs = {spec.name: spec for spec in dataclasses.fields(cls)}
     for key, value in updates.items():
         name = str(key).replace("-", "_")
-        if name not in hints:
-            raise ConfigError(
-                f"unknown key '{key}' in {source} for {cls.__name__}; valid keys: {', '.join(field_names(cls))}"
-            )
-        values[name] = _coerce(value, hints[name], name, source)
+        values[name] = typed_value(cls, key, value, source)
         check_bounds(values[name], specs[name], source)
 
 
 def parse_overrides(items: list[str]) -> dict[str, str]:
-    """`["lr=1e-3", "steps=10"]` → {"lr": "1e-3", "steps": "10"} (values are coerced later)."""
+    """`["lr=1e-3", "steps=10"]` → {"lr": "1e-3", "steps": "10"} (values are typed later)."""
     result = {}
     for item in items:
         if "=" not in item:
@@ -372,27 +446,40 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
     return result
 
 
+def read_config_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+    return data
+
+
 def load_config(cls: type, config_file: str | Path | None = None, *override_layers: tuple[str, dict]):
-    """Build `cls` from its defaults, a YAML file, then each (source name, {key: value}) layer."""
+    """Build `cls` from its defaults, a YAML file, then each (source name, {key: value}) layer;
+    every value is typed by HfArgumentParser from the dataclass."""
     values: dict[str, Any] = {}
     if config_file:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of keys to values")
-        _apply(values, data, cls, str(path))
+        _apply(values, read_config_file(config_file), cls, str(config_file))
     for source, layer in override_layers:
         _apply(values, layer, cls, source)
     return cls(**values)
 
 
 def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    """The settings as plain YAML/JSON values. A TrainConfig keeps BaldEagle's fields and the Trainer
+    fields that differ from their defaults (Trainer's to_dict already turns enums into text);
+    credentials are never written."""
+    if not isinstance(cfg, TrainingArguments):
+        return dataclasses.asdict(cfg)
+    values, defaults = cfg.to_dict(), type(cfg)().to_dict()
+    ours = set(typing.get_type_hints(type(cfg))) - TRAINER_FIELDS | set(vars(type(cfg)).get("__annotations__", {}))
+    return {k: v for k, v in values.items()
+            if k in field_names(type(cfg)) and not k.endswith("_token") and (k in ours or v != defaults.get(k))}
 
 
 def write_resolved(cfg, folder: str | Path, name: str = "config.yaml") -> Path:

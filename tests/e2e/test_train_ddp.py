@@ -17,7 +17,7 @@ pytestmark = pytest.mark.e2e
 
 SETTINGS = ["ttt_steps=2", "draft_vocab_size=128", "learning_rate=3e-3", "warmup_steps=0", "max_steps=5",
             "per_device_train_batch_size=1", "logging_steps=1", "save_steps=1000", "eval_fraction=0",
-            "max_length=64", "training_args={train_sampling_strategy: sequential}"]
+            "max_length=64", "train_sampling_strategy=sequential"]
 
 
 def trajectory(out: Path) -> list[float]:

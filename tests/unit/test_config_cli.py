@@ -38,11 +38,43 @@ def test_unknown_override_and_bad_types_are_errors():
 
 
 def test_list_and_dict_fields_parse(tmp_path):
-    _, cfg = parse_config(["train", "aux_layer_ids=[1,5,9]", "training_args={optim: adamw_torch}"])
+    _, cfg = parse_config(["train", "aux_layer_ids=[1,5,9]", "lr_scheduler_kwargs={num_cycles: 2}"])
     assert cfg.aux_layer_ids == [1, 5, 9]
-    assert cfg.training_args == {"optim": "adamw_torch"}
+    assert cfg.lr_scheduler_kwargs == {"num_cycles": 2}
     _, cfg = parse_config(["train", "--aux-layer-ids", "2,4"])
     assert cfg.aux_layer_ids == [2, 4]
+    _, cfg = parse_config(["train", "--aux_layer_ids", "[]"])
+    assert cfg.aux_layer_ids == []
+
+
+def test_every_trainer_field_is_a_typed_train_key(tmp_path, capsys):
+    """TrainConfig is a TrainingArguments: any Trainer field is set by name from YAML, key=value or a
+    flag, typed by HfArgumentParser (enums checked against their choices), and listed by --help."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+    from transformers.training_args import OptimizerNames
+
+    config = tmp_path / "train.yaml"
+    config.write_text("adam_epsilon: 1.0e-6\nlogging_first_step: true\n")
+    _, cfg = parse_config(["train", "--config", str(config), "optim=sgd", "--eval-strategy", "epoch",
+                           "--dataloader_drop_last", "--torch-empty-cache-steps", "7"])
+    assert isinstance(cfg, TrainingArguments)
+    assert (cfg.adam_epsilon, cfg.logging_first_step, cfg.optim, cfg.eval_strategy, cfg.dataloader_drop_last,
+            cfg.torch_empty_cache_steps) == (1e-6, True, OptimizerNames.SGD, "epoch", True, 7)
+    assert cfg.output_dir == cfg.out == TrainConfig().out
+    with pytest.raises(ConfigError, match=r"^optim \(from key=value overrides\) must be one of .*adamw_torch"):
+        parse_config(["train", "optim=adamw_imaginary"])
+    with pytest.raises(ConfigError, match=r"unknown key 'adam_epsilom' .*did you mean adam_epsilon"):
+        parse_config(["train", "adam_epsilom=1e-6"])
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    fixed = {"output_dir", "remove_unused_columns", "label_names"}  # `out`, and what the collator and objective need
+    settable = [spec.name for spec in dataclasses.fields(TrainingArguments) if spec.init and spec.name not in fixed]
+    missing = [name for name in settable if "--" + name.replace("_", "-") not in out]
+    assert len(settable) > 100 and not missing
+    assert "--adam-epsilon ADAM_EPSILON" in out and "(float; default: 1e-08)" in " ".join(out.split())
 
 
 def test_positional_field_and_overrides_together():
@@ -91,7 +123,7 @@ def test_malformed_yaml_file_is_a_config_error_naming_the_file(tmp_path):
 
 @pytest.mark.parametrize("argv, key, problem", [
     (["train", "aux_layer_ids=[1"], "aux_layer_ids", "not valid YAML"),
-    (["train", "training_args={optim: "], "training_args", "not valid YAML"),
+    (["train", "lr_scheduler_kwargs={num_cycles: "], "lr_scheduler_kwargs", "not valid YAML"),
     (["prepare", "max_length=[1"], "max_length", "must be int"),
     (["train", "--aux-layer-ids", "[1,"], "aux_layer_ids", "not valid YAML"),
 ])

@@ -25,7 +25,7 @@ def config(ws, out, **changes) -> TrainConfig:
     base = dict(model=ws["model"], data=ws["data"], out=str(ws["root"] / out), ttt_steps=2,
                 draft_vocab_size=128, learning_rate=3e-3, warmup_steps=0, max_steps=30,
                 per_device_train_batch_size=4, logging_steps=1, save_steps=1000, eval_fraction=0.25,
-                max_length=64, training_args={"train_sampling_strategy": "sequential"})
+                max_length=64, train_sampling_strategy="sequential")
     base.update(changes)
     return TrainConfig(**base)
 
@@ -92,8 +92,6 @@ def test_bad_data_and_settings_fail_before_training(workspace, tmp_path):
         run_train(config(workspace, "x2", data=str(big)))
     with pytest.raises(ValueError, match="aux layer id 9"):
         run_train(config(workspace, "x3", aux_layer_ids=[1, 2, 9]))
-    with pytest.raises(ValueError, match="training_args"):
-        run_train(config(workspace, "x4", training_args={"not_a_trainer_field": 1}))
     with pytest.raises(ValueError, match="ttt_step_weight"):
         run_train(config(workspace, "x5", ttt_step_weight=0.0))
     assert not (workspace["root"] / "x1").exists()
@@ -101,7 +99,7 @@ def test_bad_data_and_settings_fail_before_training(workspace, tmp_path):
 
 def test_non_finite_loss_names_the_step(workspace):
     cfg = config(workspace, "nan", learning_rate=1e12, max_steps=20, max_grad_norm=0.0,
-                 training_args={"train_sampling_strategy": "sequential", "adam_epsilon": 1e-30})
+                 adam_epsilon=1e-30)
     with pytest.raises(FloatingPointError, match=r"at step \d+ on a batch of rows"):
         run_train(cfg)
 
@@ -145,7 +143,7 @@ def test_every_trained_token_weighs_the_same_across_accumulation(workspace, draf
     """Batch 1 × accumulation 8 equals batch 8 × accumulation 1 on rows with different trained-token
     counts: the same logged loss and the same weights after one (SGD) optimizer step."""
     common = dict(draft_type=draft_type, max_steps=1, eval_fraction=0.0, feature_noise=0.0, max_grad_norm=0.0,
-                  learning_rate=0.5, training_args={"train_sampling_strategy": "sequential", "optim": "sgd"})
+                  learning_rate=0.5, optim="sgd")
     run_train(config(workspace, f"ga8-{draft_type}", per_device_train_batch_size=1,
                      gradient_accumulation_steps=8, **common))
     run_train(config(workspace, f"b8-{draft_type}", per_device_train_batch_size=8, **common))
@@ -181,8 +179,8 @@ def test_resume_with_the_default_sampler_gives_the_same_losses_and_weights(works
 
     def settings(out, **changes):
         cfg = config(workspace, out, draft_type=draft_type, max_steps=8, save_steps=4, eval_fraction=0.0,
-                     per_device_train_batch_size=8, training_args={}, **changes)
-        assert cfg.training_args == {}  # the default sampler (group_by_length)
+                     per_device_train_batch_size=8, train_sampling_strategy="group_by_length", **changes)
+        assert cfg.train_sampling_strategy == TrainConfig().train_sampling_strategy  # the default sampler
         return cfg
 
     run_train(settings(f"grouped-{draft_type}"))

@@ -9,14 +9,12 @@ Every check that can fail runs before the first step.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
-from transformers import TrainingArguments, set_seed
+from transformers import set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -60,46 +58,6 @@ def check_settings(cfg: TrainConfig) -> None:
             raise ConfigError(f"eval_chain_k must be in 1..{MAX_CHAIN}, got {cfg.eval_chain_k}")
         if cfg.eval_prompts_new_tokens < 2 or cfg.eval_prompts_limit < 0:
             raise ConfigError("eval_prompts_new_tokens must be at least 2 and eval_prompts_limit at least 0")
-
-
-def training_arguments(cfg: TrainConfig) -> TrainingArguments:
-    """TrainConfig → TrainingArguments; `training_args` passes any other Trainer setting through."""
-    known = {f.name for f in dataclasses.fields(TrainingArguments)}
-    unknown = sorted(set(cfg.training_args) - known)
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} in training_args (not transformers.TrainingArguments fields)")
-    args = dict(
-        output_dir=cfg.out,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_scheduler_type,
-        warmup_steps=cfg.warmup_steps,
-        weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm,
-        num_train_epochs=cfg.num_train_epochs,
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.per_device_train_batch_size,
-        per_device_eval_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        logging_steps=cfg.logging_steps,
-        eval_strategy="steps" if cfg.eval_steps > 0 and cfg.eval_fraction > 0 else "no",
-        eval_steps=cfg.eval_steps or None,
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
-        report_to=cfg.report_to,
-        seed=cfg.seed,
-        bf16=cfg.bf16,
-        dataloader_num_workers=cfg.dataloader_num_workers,
-        deepspeed=cfg.deepspeed or None,
-        fsdp=cfg.fsdp or None,
-        remove_unused_columns=False,  # the collator needs loss_mask and row_index
-        label_names=[],
-        train_sampling_strategy="group_by_length",
-        length_column_name="length",
-        # Without an accelerator, say so: torchrun / accelerate then run DDP over gloo on CPUs.
-        use_cpu=not torch.accelerator.is_available(),
-    )
-    args.update(cfg.training_args)
-    return TrainingArguments(**args)
 
 
 def resume_checkpoint(cfg: TrainConfig) -> str | None:
@@ -240,10 +198,9 @@ def run_train(cfg: TrainConfig) -> dict:
     set_seed(cfg.seed)  # the draft's initial weights are the same in every process and every run
     draft = build_draft(cfg, target, train_rows, checkpoint)
     yardstick = make_yardstick(cfg, target, draft)
-    args = training_arguments(cfg)
     features = make_features(cfg, target, draft, store)
     if store is None:
-        target.to(args.device)
+        target.to(cfg.device)
     else:
         del target  # offline: the store replaces the target's forward; free its memory
     budget = TimeBudget(cfg.max_minutes) if cfg.max_minutes > 0 else None
@@ -252,7 +209,7 @@ def run_train(cfg: TrainConfig) -> dict:
         callbacks.append(EvaluateEvery(cfg.eval_steps))  # no held-out split: the yardstick's own schedule
     trainer = EagleTrainer(
         model=DraftObjective(draft, cfg.ttt_steps, cfg.feature_noise, cfg.ttt_step_weight),
-        args=args,
+        args=cfg,  # TrainConfig is a TrainingArguments
         train_dataset=train_rows,
         eval_dataset=eval_rows,
         data_collator=PadCollator(pad_token_id=int(pad), max_length=cfg.max_length),
