@@ -113,6 +113,13 @@ class TrainConfig(TrainingArguments):
     draft_vocab_size: int = _help("EAGLE-3 draft vocabulary (capped at the target's)", min=1, default=32000)
     aux_layer_ids: list[int] = _help("EAGLE-3 feature layers (hidden_states ids; empty = [2, L//2, L-3])",
                                      default_factory=list)
+    norm_before_fc: bool = _help("EAGLE-3: one RMSNorm on the fused 3H target features before fc "
+                                 "(speculators/vLLM norm_before_fc; not servable by SGLang)", default=False)
+    fc_norm: bool = _help("EAGLE-3: one RMSNorm per aux layer's feature before fc, EAGLE 3.1's FC "
+                          "normalisation (speculators/vLLM fc_norm; not servable by SGLang)", default=False)
+    feed_normed_hidden: bool = _help("EAGLE-3: the next draft step reads the post-norm hidden state, as in "
+                                     "EAGLE 3.1 (speculators/vLLM norm_output; not servable by SGLang)",
+                                     default=False)
     mode: str = _help("online (the target runs in the loop) or offline (read --features)", default="online")
     features: str = _help("offline feature store folder (baldeagle features)", default="")
     eval_fraction: float = _help("share of prepared rows held out for evaluation", min=0, lt=1, default=0.05)

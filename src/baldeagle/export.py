@@ -11,6 +11,9 @@ Formats (the engine contracts, with the source they were read from, are in `expo
 
 The aux-layer conventions differ by one between SGLang and vLLM, and vLLM also reads
 `eagle_config`: one folder cannot serve both correctly, so each format writes only its own field.
+EAGLE 3.1 options (`norm_before_fc`, `fc_norm`, `feed_normed_hidden`): vllm and speculators write
+vLLM's flags (`norm_before_fc`, `fc_norm`, `norm_output`) at the top level with the norms' weights
+(`input_norm.weight`, `fc_norm.{i}.weight`); SGLang has no such flags, so sglang refuses such a draft.
 Every export is validated by `check_export` before it is published (atomically).
 """
 
@@ -34,7 +37,9 @@ from baldeagle.export_check import (
     LAYER_FIELDS,
     WEIGHTS,
     check_export,
+    check_norm_flags,
     describe,
+    engine_norm_flags,
     from_engine_aux_ids,
     legacy_rope,
     read_folder,
@@ -42,7 +47,7 @@ from baldeagle.export_check import (
 )
 from baldeagle.io import atomic_dir, provenance
 from baldeagle.model.checkpoint import build_draft, load_draft
-from baldeagle.model.draft_config import DraftConfig, check_fits_target
+from baldeagle.model.draft_config import ENGINE_FLAGS, NORM_OPTIONS, DraftConfig, check_fits_target
 from baldeagle.targets import DEFAULT_TARGET, resolve_model
 
 FORMATS = ("sglang", "vllm", "speculators")
@@ -106,6 +111,7 @@ def exported_tensors(draft, fmt: str, embeddings: bool = False, aux_order: list[
         prefix = "layers.0." if fmt == "speculators" else "midlayer."
         out.update({prefix + k[len("midlayer."):]: v for k, v in state.items() if k.startswith("midlayer.")})
         out["norm.weight"], out["lm_head.weight"] = state["norm.weight"], state["lm_head.weight"]
+        out.update(_input_norms(state, aux_order or list(range(len(cfg.aux_layer_ids)))))
         if cfg.draft_vocab_size != cfg.vocab_size:  # a full vocabulary needs (and in vLLM allows) no mapping
             out["d2t"], out["t2d"] = state["d2t"].long(), state["t2d"].bool()
         if embeddings:
@@ -123,6 +129,25 @@ def exported_tensors(draft, fmt: str, embeddings: bool = False, aux_order: list[
         if embeddings:
             out["embed_tokens.weight"] = state["embed_tokens.weight"]
     return out
+
+
+def _input_norms(state: dict, aux_order: list[int]) -> dict:
+    """EAGLE 3.1's norms before fc, their per-layer parts in the engine's (layer) order as fc's blocks:
+    `input_norm.weight` [3H] block j = ours aux_order[j] (an RMS over all 3H ignores the order);
+    `fc_norm.{j}.weight` = our fc_norm.{aux_order[j]}."""
+    out = {}
+    if "input_norm.weight" in state:
+        blocks = state["input_norm.weight"].chunk(len(aux_order))
+        out["input_norm.weight"] = torch.cat([blocks[i] for i in aux_order])
+    for j, i in enumerate(aux_order):
+        if f"fc_norm.{i}.weight" in state:
+            out[f"fc_norm.{j}.weight"] = state[f"fc_norm.{i}.weight"]
+    return out
+
+
+def engine_flags(cfg: DraftConfig) -> dict[str, bool]:
+    """The draft's EAGLE 3.1 options under the speculators / vLLM flag names (`ENGINE_FLAGS`)."""
+    return {flag: bool(getattr(cfg, option)) for option, flag in ENGINE_FLAGS.items()}
 
 
 def _layer_fields(cfg: DraftConfig, dtype: str, max_positions: int) -> dict:
@@ -162,9 +187,7 @@ def exported_config(cfg: DraftConfig, fmt: str, dtype: str, max_positions: int, 
             "draft_vocab_size": cfg.draft_vocab_size,
             "eagle_aux_hidden_state_layer_ids": engine_aux_ids,
             "norm_before_residual": False,  # vLLM assumes True when absent; BaldEagle's residual is un-normed
-            "norm_before_fc": False,
-            "fc_norm": False,
-            "norm_output": False,
+            **engine_flags(cfg),  # norm_before_fc, fc_norm, norm_output
             "target_hidden_size": None,
             "tie_word_embeddings": False,
             "dtype": dtype,
@@ -180,8 +203,9 @@ def exported_config(cfg: DraftConfig, fmt: str, dtype: str, max_positions: int, 
               "norm_before_residual": False}
     if fmt == "sglang":
         config["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": engine_aux_ids, "use_aux_hidden_state": True}
-    else:
+    else:  # vLLM reads fc_norm and norm_output at the top level only (norm_before_fc there too)
         config["eagle_aux_hidden_state_layer_ids"] = engine_aux_ids
+        config.update(engine_flags(cfg))
     return config
 
 
@@ -190,6 +214,11 @@ def _check_request(cfg: DraftConfig, fmt: str, target: str, dtype: str, out: Pat
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     if fmt == "speculators" and cfg.draft_type != "eagle3":
         raise ValueError("the speculators format holds EAGLE-3 drafts only; export EAGLE-1 as sglang or vllm")
+    options = [name for name in NORM_OPTIONS if getattr(cfg, name)]
+    if fmt == "sglang" and options:
+        raise ValueError(f"the sglang format cannot express {', '.join(options)}: SGLang's LlamaForCausalLMEagle3 has "
+                         "no norm before fc and feeds the pre-norm hidden state to the next step, so it would "
+                         "draft with another function; export with --format vllm or speculators")
     if not target:
         raise ValueError("the draft records no target model (draft_config.json target_model is empty): "
                          "pass --model with the target it was trained for")
@@ -327,19 +356,25 @@ def load_exported(folder: str | Path, target=None, device: str | torch.device = 
     kind = described["kind"]
     if kind not in ("eagle1", "eagle3"):
         raise ValueError(f"{folder} holds no EAGLE draft an engine loads")
-    _refuse_other_layouts(folder, config)
+    _refuse_other_layouts(folder, config, kind, described["format"])
     target_name = info.get("target_model") or ((config.get("speculators_config") or {}).get("verifier") or {}).get("name_or_path", "")
     layers = info.get("target_num_layers") or _target_layers(folder, target, target_name)
     engine_ids = described["aux_ids"]
     aux = (from_engine_aux_ids(engine_ids, described["convention"]) if engine_ids else default_aux_layers(layers)) \
         if kind == "eagle3" else [layers]
     cfg = _loaded_config(kind, described["layer"], config, info.get("draft_config", {}), aux, layers, target_name)
+    if kind == "eagle3":  # the EAGLE 3.1 options as the folder's engine reads them
+        flags = engine_norm_flags(config, described["format"])
+        cfg = dataclasses.replace(cfg, **{option: flags[flag] for option, flag in ENGINE_FLAGS.items()})
     state = load_file(str(folder / WEIGHTS))
     state = {("midlayer." + k[len("layers.0."):] if kind == "eagle3" and k.startswith("layers.0.") else k): v
              for k, v in state.items()}
     _complete_state(state, cfg, (target or target_name) if target is None or isinstance(target, str) else target)
     draft = build_draft(cfg)
-    draft.load_state_dict(state, strict=True)
+    missing, unexpected = draft.load_state_dict(state, strict=False)
+    if missing or unexpected:  # e.g. a flag that says norm_before_fc without its input_norm.weight
+        raise ValueError(f"{folder}: the tensors do not fit the draft its config describes: missing {missing}, "
+                         f"unexpected {unexpected}")
     draft.freeze_target_copies()
     return draft.to(device=device, dtype=state["fc.weight"].dtype)
 
@@ -401,17 +436,17 @@ def _complete_state(state: dict, cfg: DraftConfig, target) -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def _refuse_other_layouts(folder: Path, config: dict) -> None:
-    """speculators' layout flags that describe another layer than BaldEagle's (which would load
-    without error and compute other logits). vLLM reads an absent norm_before_residual as true."""
-    if "speculators_config" not in config:
-        return
-    flags = [f for f in ("norm_before_fc", "fc_norm", "norm_output") if config.get(f)]
-    if config.get("norm_before_residual", True) is not False:
-        flags.insert(0, "norm_before_residual")
-    if flags:
-        raise ValueError(f"{folder}: speculators flags {', '.join(flags)} describe a draft layer BaldEagle's EAGLE-3 "
-                         "does not implement; loading it would compute other logits")
+def _refuse_other_layouts(folder: Path, config: dict, kind: str, fmt: str) -> None:
+    """Layout flags that describe another draft than any BaldEagle builds (which would load without
+    error and compute other logits): speculators' norm_before_residual (vLLM reads an absent one as
+    true), both input norms at once, and EAGLE 3.1 flags in an SGLang folder (SGLang ignores them).
+    norm_before_fc, fc_norm and norm_output alone are BaldEagle's own options."""
+    problems = check_norm_flags(config, fmt) if kind == "eagle3" else []
+    if "speculators_config" in config and config.get("norm_before_residual", True) is not False:
+        problems.insert(0, "speculators flag norm_before_residual is not false: the residual would be the normed "
+                           "feature, a draft layer BaldEagle's EAGLE-3 does not implement")
+    if problems:
+        raise ValueError(f"{folder}: {'; '.join(problems)}; loading it would compute other logits")
 
 
 def recorded_target(folder: str | Path) -> str:

@@ -16,6 +16,14 @@ EAGLE-3 (`LlamaForCausalLMEagle3`, or speculators `speculators_model_type: eagle
 - speculators: vLLM defaults `norm_before_residual` to **true** when the key is absent
   (`transformers_utils/configs/speculators/algos.py`, `update_eagle3`); BaldEagle's layer keeps
   the un-normed feature as residual, so the key must say false.
+- EAGLE 3.1 flags (BaldEagle's `DraftConfig` options, `ENGINE_FLAGS`): vLLM's `llama_eagle3.py`
+  reads `norm_before_fc` (from `eagle_config`, else the top level: an RMSNorm `input_norm.weight`
+  [3H] before fc; without the flag vLLM drops that tensor silently), `fc_norm` (top level:
+  `fc_norm.{i}.weight` [H], one per aux layer) and `norm_output` (top level: the next step reads
+  the post-norm hidden state); the speculators adapter (`update_eagle3`) copies the three from the
+  top level of a speculators config, each false when absent. SGLang's `LlamaForCausalLMEagle3`
+  reads none of them (no input norm, pre-norm state fed back, unknown tensors skipped): an SGLang
+  folder cannot hold a draft trained with them.
 EAGLE-1 (SGLang `LlamaForCausalLMEagle`; vLLM `LlamaForCausalLM`, renamed to `EagleLlamaForCausalLM`)
 - `fc.weight` [H, 2H], `layers.0.*` without `input_layernorm` (both engines delete it), no
   `norm.weight`, no `lm_head.weight` (both take the target's head; SGLang also its embedding).
@@ -51,6 +59,7 @@ from pathlib import Path
 import torch
 
 from baldeagle.conventions import DTYPES, default_aux_layers, rope_parameters
+from baldeagle.model.draft_config import ENGINE_FLAGS
 
 EXPORT_INFO = "baldeagle_export.json"
 WEIGHTS = "model.safetensors"
@@ -182,8 +191,10 @@ def describe(config: dict, info: dict) -> dict:
     return {"kind": "unknown", "format": fmt, "layer": config, "aux_ids": None, "convention": None}
 
 
-def expected_tensors(kind: str, fmt: str, layer: dict, n_aux: int = 3) -> tuple[dict, set[str]]:
-    """({name: shape} the engine needs, {names it accepts but does not need})."""
+def expected_tensors(kind: str, fmt: str, layer: dict, n_aux: int = 3, flags: dict | None = None
+                     ) -> tuple[dict, set[str]]:
+    """({name: shape} the engine needs, {names it accepts but does not need}); `flags`: the EAGLE 3.1
+    flags the engine reads (`engine_norm_flags`), which add the norms' weights."""
     hidden, inter = int(layer["hidden_size"]), int(layer["intermediate_size"])
     heads, kv = int(layer["num_attention_heads"]), int(layer["num_key_value_heads"])
     head_dim = int(layer.get("head_dim") or hidden // heads)
@@ -213,11 +224,33 @@ def expected_tensors(kind: str, fmt: str, layer: dict, n_aux: int = 3) -> tuple[
         if draft_vocab != vocab:
             need["d2t"] = [draft_vocab]
         optional.add("t2d")
+        need.update(norm_tensors(flags or {}, n_aux, int(layer.get("target_hidden_size") or hidden)))
     else:
         need["fc.weight"] = [hidden, 2 * hidden]
         if fmt == "sglang":
             need["fc.bias"] = [hidden]
     return need, optional
+
+
+def norm_tensors(flags: dict, n_aux: int, feature_size: int) -> dict[str, list[int]]:
+    """The weights of the EAGLE 3.1 input norms the engine builds for `flags` → {name: shape}."""
+    need = {"input_norm.weight": [n_aux * feature_size]} if flags.get("norm_before_fc") else {}
+    if flags.get("fc_norm"):
+        need.update({f"fc_norm.{i}.weight": [feature_size] for i in range(n_aux)})
+    return need
+
+
+def engine_norm_flags(config: dict, fmt: str) -> dict[str, bool]:
+    """The EAGLE 3.1 flags (`ENGINE_FLAGS` values) an EAGLE-3 folder's engine reads, defaults applied.
+    vLLM: norm_before_fc from eagle_config, else the top level; fc_norm, norm_output top level (the
+    speculators adapter copies them there). SGLang reads none of them: all false."""
+    if fmt == "sglang":
+        return dict.fromkeys(ENGINE_FLAGS.values(), False)
+    flags = {flag: bool(config.get(flag, False)) for flag in ENGINE_FLAGS.values()}
+    if fmt == "vllm":
+        eagle_config = config.get("eagle_config") or {}
+        flags["norm_before_fc"] = bool(eagle_config.get("norm_before_fc", flags["norm_before_fc"]))
+    return flags
 
 
 def check_export(folder: str | Path, target_config=None) -> list[str]:
@@ -247,7 +280,10 @@ def check_export(folder: str | Path, target_config=None) -> list[str]:
     refs = references(info, target_config)
     problems += _check_tensors(folder, described, header, config)
     problems += _check_config(kind, fmt, config, layer)
-    problems += compare_fields(engine_reads(layer, kind), refs)
+    found = engine_reads(layer, kind)
+    if kind == "eagle3":
+        found.update(engine_norm_flags(config, fmt))
+    problems += compare_fields(found, refs)
     problems += _check_positions(layer, refs)
     if kind == "eagle3":
         layers = [ref["target_num_layers"] for _, ref in refs if ref.get("target_num_layers")]
@@ -261,7 +297,8 @@ def _check_tensors(folder: Path, described: dict, header: dict, config: dict) ->
     """Names, shapes and dtypes the engine loads, and the d2t / t2d mapping."""
     kind, fmt, layer = described["kind"], described["format"], described["layer"]
     n_aux = len(described["aux_ids"]) if described["aux_ids"] else 3
-    need, optional = expected_tensors(kind, fmt, layer, n_aux)
+    flags = engine_norm_flags(config, fmt) if kind == "eagle3" else {}
+    need, optional = expected_tensors(kind, fmt, layer, n_aux, flags)
     problems = _check_names_and_shapes(need, optional, header, kind, fmt, int(layer["hidden_size"]))
     problems += _check_dtypes(header, config if fmt != "speculators" else {**layer, **config})
     if kind == "eagle3":
@@ -301,6 +338,8 @@ def expected_reads(draft: dict, trained: bool) -> dict:
         values.update(rope_theta=theta, rope_scaling=scaling, rope_parameters=rope)
     if trained and draft.get("draft_type") == "eagle3" and draft.get("draft_vocab_size"):
         values["draft_vocab_size"] = draft["draft_vocab_size"]
+    if trained and draft.get("draft_type") == "eagle3":  # an older record lacks the options: off
+        values.update({flag: bool(draft.get(option, False)) for option, flag in ENGINE_FLAGS.items()})
     return values
 
 
@@ -424,6 +463,11 @@ def _check_names_and_shapes(need, optional, header, kind, fmt, hidden) -> list[s
             problems.append("layers.0.input_layernorm.weight is present: EAGLE-1 engines delete that norm")
         elif name.startswith("layers.0.") and fmt == "sglang":
             problems.append(f"{name}: SGLang's EAGLE-3 reads the layer as midlayer.* and silently skips this name")
+        elif name.startswith(("input_norm.", "fc_norm.")) and kind == "eagle3":
+            flag = "norm_before_fc" if name.startswith("input_norm.") else "fc_norm"
+            engine = "SGLang" if fmt == "sglang" else "vLLM"
+            problems.append(f"{name} is present but {engine} does not read {flag} as true here: it skips the "
+                            "tensor silently and computes fc without that norm")
         elif name == "d2t":
             problems.append("d2t is present although draft_vocab_size equals vocab_size: vLLM then has no "
                             "draft_id_to_target_id parameter to load it into")
@@ -452,7 +496,7 @@ def _check_dtypes(header, config) -> list[str]:
 
 
 def _check_config(kind, fmt, config, layer) -> list[str]:
-    problems = []
+    problems = check_norm_flags(config, fmt) if kind == "eagle3" else []
     if kind == "eagle3":
         if layer.get("tie_word_embeddings", config.get("tie_word_embeddings")):
             problems.append("tie_word_embeddings is true: SGLang would use the embedding as the draft's LM head")
@@ -468,12 +512,23 @@ def _check_config(kind, fmt, config, layer) -> list[str]:
         if config.get("norm_before_residual") is not False:
             problems.append("norm_before_residual is not false: vLLM assumes true when it is absent, which is not "
                             "BaldEagle's layer (the residual is the un-normed feature)")
-        for flag in ("norm_before_fc", "fc_norm", "norm_output"):
-            if config.get(flag):
-                problems.append(f"{flag} is true: a BaldEagle layer has no such norm")
         if layer.get("model_type", "llama") != "llama":
             problems.append(f"transformer_layer_config.model_type is {layer.get('model_type')!r}; expected 'llama'")
     return problems
+
+
+def check_norm_flags(config: dict, fmt: str) -> list[str]:
+    """EAGLE 3.1 flags an SGLang folder sets (SGLang ignores them), or both input norms at once."""
+    if fmt == "sglang":
+        places = [config, config.get("eagle_config") or {}]
+        return [f"{flag} is true: SGLang's LlamaForCausalLMEagle3 does not read it and computes the EAGLE-3 layer "
+                "without it; serve this draft with vLLM (export --format vllm or speculators)"
+                for flag in ENGINE_FLAGS.values() if any(place.get(flag) for place in places)]
+    flags = engine_norm_flags(config, fmt)
+    if flags["norm_before_fc"] and flags["fc_norm"]:
+        return ["norm_before_fc and fc_norm are both true: speculators refuses the pair and a BaldEagle draft "
+                "has one norm before fc at most"]
+    return []
 
 
 def _check_aux_ids(aux_ids, convention, target_layers) -> list[str]:

@@ -90,6 +90,17 @@ def test_resolved_config_round_trips(tmp_path):
     assert load_config(TrainConfig, path) == cfg
 
 
+def test_eagle31_train_keys_parse_and_round_trip(tmp_path):
+    config = tmp_path / "train.yaml"
+    config.write_text("fc_norm: true\n")
+    _, cfg = parse_config(["train", "--config", str(config), "--feed-normed-hidden"])
+    assert (cfg.norm_before_fc, cfg.fc_norm, cfg.feed_normed_hidden) == (False, True, True)
+    assert load_config(TrainConfig, write_resolved(cfg, tmp_path / "resolved")) == cfg
+    _, cfg = parse_config(["train", "norm_before_fc=true"])
+    assert cfg.norm_before_fc and not cfg.fc_norm and not cfg.feed_normed_hidden
+    assert not any(getattr(TrainConfig(), key) for key in ("norm_before_fc", "fc_norm", "feed_normed_hidden"))
+
+
 def test_help_lists_stages(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])

@@ -194,3 +194,131 @@ def test_gradients_reach_every_trainable_parameter(family):
     out.loss.backward()
     _check_grads(draft3, frozen={"embed_tokens"})
     assert "lm_head.weight" in draft3.trainable_parameters()
+
+
+# ---------------------------------------------------------------------------------------------
+# EAGLE 3.1 options: norm before fc (over 3H, or per aux layer) and the post-norm state fed back
+# ---------------------------------------------------------------------------------------------
+
+EAGLE31 = {"norm_before_fc": dict(norm_before_fc=True), "fc_norm": dict(fc_norm=True),
+           "feed_normed_hidden": dict(feed_normed_hidden=True)}
+
+
+def rms_norm(x, weight, eps):
+    """RMSNorm by hand: x / sqrt(mean(x²) + eps) · weight."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def _option_draft(target, base, **options):
+    """A draft with `options` on and `base`'s weights; its own norms' weights randomised."""
+    draft, cfg = tiny_draft(target, "eagle3", **options)
+    missing, unexpected = draft.load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected and all(name.startswith(("input_norm.", "fc_norm.")) for name in missing)
+    with torch.no_grad():
+        for name in missing:
+            draft.get_parameter(name).add_(0.3 * torch.randn(draft.get_parameter(name).shape))
+    return draft, cfg
+
+
+def _two_steps(draft, ids, features, positions):
+    """Logits of step 0 and of step 1 (which reads step 0's state, the tokens shifted by one)."""
+    with torch.no_grad():
+        state0 = draft(ids, draft.project(features), positions)
+        state1 = draft(ids.roll(-1, dims=1), state0, positions + 1)
+        return draft.logits(state0), draft.logits(state1)
+
+
+def test_eagle31_options_off_are_the_eagle3_formula_and_on_change_the_logits():
+    target = tiny_target("llama")
+    base, cfg = tiny_draft(target, "eagle3", seed=4)
+    with torch.no_grad():
+        base.norm.weight.add_(0.3 * torch.randn(64))
+    ids, features, _, positions = _inputs(target, cfg)
+    eps, mid = cfg.rms_norm_eps, base.midlayer
+    with torch.no_grad():  # EAGLE-3 by hand: lm_head(norm(out)), out (un-normed) fed to the next step
+        rope = base.rope(features, positions)
+        out0 = mid(base.embed_tokens(ids), features @ base.fc.weight.T, rope)
+        out1 = mid(base.embed_tokens(ids.roll(-1, dims=1)), out0, base.rope(features, positions + 1))
+        by_hand = [base.lm_head(rms_norm(out, base.norm.weight, eps)) for out in (out0, out1)]
+    off = _two_steps(base, ids, features, positions)
+    for got, expected in zip(off, by_hand):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    for name, options in EAGLE31.items():
+        draft, _ = _option_draft(target, base, **options)
+        step0, step1 = _two_steps(draft, ids, features, positions)
+        assert not torch.allclose(step1, off[1], atol=1e-3), name  # every option changes the chain
+        # feeding the post-norm state back changes only the later steps: step 0 reads fc(g) either way
+        assert torch.allclose(step0, off[0], atol=1e-5) == (name == "feed_normed_hidden"), name
+
+
+def test_eagle31_norms_by_hand_and_their_weights_are_the_engines_names():
+    target = tiny_target("llama")
+    base, cfg = tiny_draft(target, "eagle3", seed=4)
+    ids, features, _, positions = _inputs(target, cfg)
+    eps = cfg.rms_norm_eps
+    concat, _ = _option_draft(target, base, norm_before_fc=True)
+    per_layer, _ = _option_draft(target, base, fc_norm=True)
+    fed_back, _ = _option_draft(target, base, feed_normed_hidden=True)
+    with torch.no_grad():
+        torch.testing.assert_close(concat.project(features),
+                                   rms_norm(features, concat.input_norm.weight, eps) @ base.fc.weight.T)
+        parts = [rms_norm(part, norm.weight, eps) for part, norm in zip(features.split(64, dim=-1), per_layer.fc_norm)]
+        torch.testing.assert_close(per_layer.project(features), torch.cat(parts, dim=-1) @ base.fc.weight.T)
+        out = base(ids, base.project(features), positions)  # the un-normed output
+        state = fed_back(ids, fed_back.project(features), positions)
+        torch.testing.assert_close(state, rms_norm(out, base.norm.weight, eps))  # the state it carries
+        torch.testing.assert_close(fed_back.logits(state), base.logits(out))  # logits read the state once normed
+    names = set(base.state_dict())
+    assert set(concat.state_dict()) - names == {"input_norm.weight"} and concat.input_norm.weight.shape == (192,)
+    assert set(per_layer.state_dict()) - names == {"fc_norm.0.weight", "fc_norm.1.weight", "fc_norm.2.weight"}
+    assert set(fed_back.state_dict()) == names
+
+
+def test_eagle31_norm_weights_train():
+    target = tiny_target("llama")
+    ids, _, logits, _ = _inputs(target, tiny_draft(target)[1], length=10)
+    hidden_states, _ = target_outputs(target, ids)
+    for options in (dict(norm_before_fc=True, feed_normed_hidden=True), dict(fc_norm=True, feed_normed_hidden=True)):
+        draft, cfg = tiny_draft(target, "eagle3", seed=3, **options)
+        features = draft_features(hidden_states, cfg)
+        ttt_forward(draft, ids, features, logits, torch.ones_like(ids), steps=2).loss.backward()
+        _check_grads(draft, frozen={"embed_tokens"})
+        assert {"input_norm.weight", "fc_norm.0.weight"} & set(draft.trainable_parameters())
+
+
+def test_an_older_draft_config_without_the_options_loads_with_the_old_behaviour(tmp_path):
+    from baldeagle.model.checkpoint import load_draft, save_draft
+
+    target = tiny_target("llama")
+    draft, cfg = tiny_draft(target, "eagle3", seed=4)
+    save_draft(draft, tmp_path)
+    path = tmp_path / dc.CONFIG_NAME
+    data = json.loads(path.read_text())
+    assert {name: data.pop(name) for name in dc.NORM_OPTIONS} == dict.fromkeys(dc.NORM_OPTIONS, False)
+    path.write_text(json.dumps(data))  # what BaldEagle wrote before the options existed
+    loaded = load_draft(tmp_path)
+    assert loaded.config == cfg and not any(getattr(loaded.config, name) for name in dc.NORM_OPTIONS)
+    ids, features, _, positions = _inputs(target, cfg)
+    for got, expected in zip(_two_steps(loaded, ids, features, positions), _two_steps(draft, ids, features, positions)):
+        assert torch.equal(got, expected)
+    on = dc.draft_config_from_target(target.config, "eagle3", fc_norm=True, feed_normed_hidden=True)
+    dc.save(on, tmp_path / "on")
+    assert dc.load(tmp_path / "on") == on and on.fc_norm and on.feed_normed_hidden and not on.norm_before_fc
+
+
+@pytest.mark.parametrize("option", dc.NORM_OPTIONS)
+def test_eagle1_refuses_the_eagle31_options(option, tmp_path):
+    config = tiny_target("llama").config
+    with pytest.raises(ValueError, match=f"draft_type=eagle1 does not support {option}"):
+        dc.draft_config_from_target(config, "eagle1", **{option: True})
+    path = dc.save(dc.draft_config_from_target(config, "eagle1"), tmp_path)
+    path.write_text(json.dumps({**json.loads(path.read_text()), option: True}))
+    with pytest.raises(ValueError, match=f"{dc.CONFIG_NAME}: draft_type=eagle1 does not support {option}"):
+        dc.load(tmp_path)
+
+
+def test_the_two_input_norms_exclude_each_other():
+    with pytest.raises(ValueError, match="norm_before_fc and fc_norm exclude each other"):
+        dc.draft_config_from_target(tiny_target("llama").config, "eagle3", norm_before_fc=True, fc_norm=True)
+    with pytest.raises(TypeError, match="norm_outptu"):
+        dc.draft_config_from_target(tiny_target("llama").config, "eagle3", norm_outptu=True)

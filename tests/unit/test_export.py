@@ -24,10 +24,12 @@ LAYER = ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj
          "post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
 
 
-def make_draft(kind="eagle3", family="llama", aux=AUX, vocab=64, seed=0):
-    """A tiny target and a draft for it whose every weight differs from its initial value."""
+def make_draft(kind="eagle3", family="llama", aux=AUX, vocab=64, seed=0, **options):
+    """A tiny target and a draft for it whose every weight differs from its initial value
+    (`options`: EAGLE 3.1 DraftConfig options)."""
     target = tiny_target(family)
-    cfg = draft_config_from_target(target.config, kind, draft_vocab_size=vocab, aux_layer_ids=aux if kind == "eagle3" else None)
+    cfg = draft_config_from_target(target.config, kind, draft_vocab_size=vocab,
+                                   aux_layer_ids=aux if kind == "eagle3" else None, **options)
     cfg.target_model = f"tiny/{family}"
     torch.manual_seed(seed)
     if kind == "eagle1":
@@ -188,8 +190,7 @@ def test_eagle3_round_trip_identical_logits(tmp_path, family, fmt):
     assert torch.equal(draft_logits(loaded, target), draft_logits(draft, target))
 
 
-@pytest.mark.parametrize("flag, value", [("norm_before_residual", True), ("norm_before_residual", None),
-                                         ("norm_output", True), ("norm_before_fc", True)])
+@pytest.mark.parametrize("flag, value", [("norm_before_residual", True), ("norm_before_residual", None)])
 def test_load_refuses_speculators_layouts_it_does_not_implement(tmp_path, flag, value):
     target, draft = make_draft()
     out = export(draft, target, tmp_path / "x", "speculators")
@@ -201,6 +202,125 @@ def test_load_refuses_speculators_layouts_it_does_not_implement(tmp_path, flag, 
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=flag):
         load_exported(out, target=target)
+
+
+# ---------------------------------------------------------------------------------------------
+# EAGLE 3.1 options: vLLM's norm_before_fc / fc_norm / norm_output flags, refused by SGLang
+# ---------------------------------------------------------------------------------------------
+
+EAGLE31 = {"norm_before_fc+feed": dict(norm_before_fc=True, feed_normed_hidden=True),
+           "fc_norm+feed": dict(fc_norm=True, feed_normed_hidden=True), "feed": dict(feed_normed_hidden=True),
+           "norm_before_fc": dict(norm_before_fc=True)}
+FLAGS = {"norm_before_fc": "norm_before_fc", "fc_norm": "fc_norm", "feed_normed_hidden": "norm_output"}
+
+
+def chain_logits(draft, target, seed=1):
+    """Logits of two chained steps: the second reads the first's state (fed back as trained)."""
+    torch.manual_seed(seed)
+    ids = torch.randint(3, 256, (2, 11))
+    features = draft_features(target_outputs(target, ids)[0], draft.config)
+    positions = torch.arange(ids.shape[1]).expand(2, -1)
+    with torch.no_grad():
+        state = draft(ids, draft.project(features), positions)
+        return torch.cat([draft.logits(state), draft.logits(draft(ids.roll(-1, 1), state, positions + 1))])
+
+
+@pytest.mark.parametrize("fmt", ["vllm", "speculators"])
+@pytest.mark.parametrize("options", EAGLE31.values(), ids=EAGLE31.keys())
+def test_eagle31_options_export_and_round_trip(tmp_path, fmt, options):
+    target, draft = make_draft(**options)
+    out = export(draft, target, tmp_path / "x", fmt)
+    config = config_of(out)
+    assert {flag: config[flag] for flag in FLAGS.values()} == {FLAGS[o]: options.get(o, False) for o in FLAGS}
+    assert config["norm_before_residual"] is False
+    found = header(out)
+    assert ("input_norm.weight" in found) == bool(options.get("norm_before_fc"))
+    if options.get("norm_before_fc"):
+        assert found["input_norm.weight"][0] == [192]
+    assert {k for k in found if k.startswith("fc_norm.")} == (
+        {f"fc_norm.{i}.weight" for i in range(3)} if options.get("fc_norm") else set())
+    assert check_export(out) == [] and check_export(out, target.config) == []
+    loaded = load_exported(out, target=target)
+    assert {o: getattr(loaded.config, o) for o in FLAGS} == {o: options.get(o, False) for o in FLAGS}
+    assert torch.equal(chain_logits(loaded, target), chain_logits(draft, target))
+
+
+@pytest.mark.parametrize("options", [EAGLE31["norm_before_fc+feed"], EAGLE31["fc_norm+feed"]],
+                         ids=["concat", "per_layer"])
+def test_eagle31_norms_follow_unsorted_aux_layers(tmp_path, options):
+    """Engines concatenate aux states in layer order: the norms' per-layer parts move with fc's blocks."""
+    target, draft = make_draft(aux=[4, 1, 3], **options)
+    out = export(draft, target, tmp_path / "x", "vllm")
+    found = load_file(str(out / "model.safetensors"))
+    if options.get("fc_norm"):  # engine layer order 1, 3, 4 = our fc_norm 1, 2, 0
+        assert [torch.equal(found[f"fc_norm.{j}.weight"], draft.fc_norm[i].weight) for j, i in enumerate([1, 2, 0])] \
+            == [True] * 3
+    loaded = load_exported(out, target=target)
+    assert loaded.config.aux_layer_ids == [1, 3, 4]
+    assert torch.allclose(chain_logits(loaded, target), chain_logits(draft, target), atol=1e-5)
+
+
+@pytest.mark.parametrize("option", FLAGS)
+def test_sglang_refuses_eagle31_options(tmp_path, option):
+    target, draft = make_draft(**{option: True})
+    with pytest.raises(ValueError, match=f"the sglang format cannot express {option}.*--format vllm or speculators"):
+        export(draft, target, tmp_path / "x", "sglang")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("fmt", ["vllm", "speculators"])
+@pytest.mark.parametrize("flag", FLAGS.values())
+def test_check_catches_a_flipped_norm_flag(tmp_path, fmt, flag):
+    """A flag flipped in config.json loads without error in vLLM and drafts another function."""
+    options = EAGLE31["fc_norm+feed"] if flag == "fc_norm" else EAGLE31["norm_before_fc+feed"]
+    target, draft = make_draft(**options)
+    out = export(draft, target, tmp_path / "x", fmt)
+    trained = config_of(out)[flag]
+    rewrite(out, config={flag: not trained})
+    expected = f"{flag} is {not trained!r}, expected {trained!r} (baldeagle_export.json)"
+    assert any(p.startswith(expected) for p in check_export(out)), check_export(out)
+    assert any(p.startswith(expected) for p in check_export(out, target.config))
+
+
+def test_check_reads_norm_before_fc_where_vllm_does(tmp_path):
+    """vLLM takes eagle_config.norm_before_fc over the top-level key; the check reads it the same way."""
+    target, draft = make_draft(**EAGLE31["norm_before_fc+feed"])
+    out = export(draft, target, tmp_path / "x", "vllm")
+    rewrite(out, config={"eagle_config": {"norm_before_fc": False}})
+    problems = check_export(out)
+    assert any(p.startswith("norm_before_fc is False, expected True (baldeagle_export.json)") for p in problems)
+    assert any("input_norm.weight is present but vLLM does not read norm_before_fc as true" in p for p in problems)
+
+
+def test_check_and_load_of_flags_an_engine_cannot_hold(tmp_path):
+    target, draft = make_draft()
+    sglang = export(draft, target, tmp_path / "s", "sglang")
+    rewrite(sglang, config={"norm_output": True})
+    assert any(p.startswith("norm_output is true: SGLang's LlamaForCausalLMEagle3 does not read it")
+               for p in check_export(sglang))
+    with pytest.raises(ValueError, match="norm_output is true: SGLang"):
+        load_exported(sglang, target=target)
+    speculators = export(draft, target, tmp_path / "p", "speculators")
+    rewrite(speculators, config={"norm_before_fc": True})  # the flag, but no input_norm.weight
+    assert any("missing tensor input_norm.weight" in p for p in check_export(speculators))
+    with pytest.raises(ValueError, match=r"missing \['input_norm.weight'\]"):
+        load_exported(speculators, target=target)
+    rewrite(speculators, config={"fc_norm": True})
+    assert any("norm_before_fc and fc_norm are both true" in p for p in check_export(speculators))
+    with pytest.raises(ValueError, match="norm_before_fc and fc_norm are both true"):
+        load_exported(speculators, target=target)
+
+
+def test_an_older_export_record_without_the_options_still_checks(tmp_path):
+    target, draft = make_draft()
+    out = export(draft, target, tmp_path / "x", "vllm")
+    info = json.loads((out / "baldeagle_export.json").read_text())
+    for option in FLAGS:
+        del info["draft_config"][option]
+    (out / "baldeagle_export.json").write_text(json.dumps(info))
+    assert check_export(out) == []
+    rewrite(out, config={"norm_output": True})
+    assert any(p.startswith("norm_output is True, expected False") for p in check_export(out))
 
 
 @pytest.mark.parametrize("fmt", ["sglang", "vllm"])

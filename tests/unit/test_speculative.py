@@ -150,6 +150,25 @@ def test_greedy_equals_generate_with_a_trained_draft(draft_type):
     assert accepted / steps > 0.5  # the draft is useful, so long accepted runs were exercised
 
 
+@pytest.mark.parametrize("options", [dict(fc_norm=True, feed_normed_hidden=True),
+                                     dict(norm_before_fc=True, feed_normed_hidden=True)], ids=lambda o: "+".join(o))
+def test_greedy_equals_generate_with_eagle31_drafts(options):
+    """EAGLE 3.1's norms and post-norm state fed back: decoding stays exact, random or trained draft."""
+    target = tiny_target("llama")
+    random_draft, _ = tiny_draft(target, "eagle3", **options)
+    draft = train_tiny_draft(target, "eagle3", **options)
+    accepted = []
+    for mode in ["chain", "tree"]:
+        for ids in prompts(6, seed=11):  # the trained draft's own prompts: long accepted runs
+            expected = reference_greedy(target, ids, 40)
+            got = speculative_generate(target, draft, ids, SpecSettings(**SHAPES[mode], max_new_tokens=40))
+            assert got.tokens == expected
+            accepted += got.accepted
+            assert speculative_generate(target, random_draft, ids, SpecSettings(**SHAPES[mode], max_new_tokens=40)
+                                        ).tokens == expected
+    assert sum(accepted) / len(accepted) > 0.5 and max(accepted) >= 3  # deep steps read the fed-back state
+
+
 # ------------------------------------------------------------------------------------------
 # Sampling is lossless
 # ------------------------------------------------------------------------------------------

@@ -97,6 +97,30 @@ def test_bad_data_and_settings_fail_before_training(workspace, tmp_path):
     assert not (workspace["root"] / "x1").exists()
 
 
+@pytest.mark.parametrize("option", ["norm_before_fc", "fc_norm", "feed_normed_hidden"])
+def test_eagle1_with_an_eagle31_option_is_refused_before_any_work(workspace, option, monkeypatch):
+    from baldeagle.config import ConfigError
+    from baldeagle.train import run
+
+    monkeypatch.setattr(run, "load_prepared", lambda *a: pytest.fail("work started"))
+    with pytest.raises(ConfigError, match=f"draft_type=eagle1 does not support {option}"):
+        run_train(config(workspace, "e1", draft_type="eagle1", **{option: True}))
+    with pytest.raises(ConfigError, match="norm_before_fc and fc_norm exclude each other"):
+        run_train(config(workspace, "e1", norm_before_fc=True, fc_norm=True))
+    assert not (workspace["root"] / "e1").exists()
+
+
+def test_eagle31_options_reach_the_trained_draft_and_resume_keeps_them(workspace):
+    options = dict(fc_norm=True, feed_normed_hidden=True)
+    run_train(config(workspace, "e31", max_steps=4, save_steps=2, eval_fraction=0.0, **options))
+    draft = load_draft(workspace["root"] / "e31" / "final", expected_type="eagle3")
+    assert draft.config.fc_norm and draft.config.feed_normed_hidden and not draft.config.norm_before_fc
+    assert not torch.equal(draft.fc_norm[0].weight, torch.ones(64))  # trained
+    with pytest.raises(ValueError, match="trained with fc_norm=True, this run asks for fc_norm=False"):
+        run_train(config(workspace, "e31", max_steps=6, save_steps=2, eval_fraction=0.0, resume=True,
+                         feed_normed_hidden=True))
+
+
 def test_non_finite_loss_names_the_step(workspace):
     cfg = config(workspace, "nan", learning_rate=1e12, max_steps=20, max_grad_norm=0.0,
                  adam_epsilon=1e-30)

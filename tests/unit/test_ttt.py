@@ -73,10 +73,10 @@ def stepwise_reference(draft, input_ids, features, target_logits, loss_mask, att
     return outputs, losses
 
 
-def _batch(family, padding_side, length=11, real=7):
-    """Two rows: one full, one with `length - real` pad tokens on `padding_side`."""
+def _batch(family, padding_side, length=11, real=7, **options):
+    """Two rows: one full, one with `length - real` pad tokens on `padding_side` (`options`: EAGLE 3.1)."""
     target = tiny_target(family)
-    draft, cfg = tiny_draft(target, "eagle3", draft_vocab_size=128, seed=5)
+    draft, cfg = tiny_draft(target, "eagle3", draft_vocab_size=128, seed=5, **options)
     generator = torch.Generator().manual_seed(7)
     ids = torch.randint(3, cfg.vocab_size, (2, length), generator=generator)
     attention_mask = torch.ones(2, length, dtype=torch.long)
@@ -116,6 +116,72 @@ def test_ttt_equals_stepwise_kv_cache_reference(padding_side, impl, all_rows):
                         position_ids=positions, impl=impl)  # the training entry point: the same numbers
     torch.testing.assert_close(plain.step_losses, out.step_losses, atol=1e-5, rtol=1e-5)
     assert [int(c) for c in plain.correct] == [int(c) for c in out.correct]
+
+
+EAGLE31 = [dict(feed_normed_hidden=True), dict(norm_before_fc=True, feed_normed_hidden=True),
+           dict(fc_norm=True, feed_normed_hidden=True), dict(norm_before_fc=True)]
+
+
+def randomise_norms(draft):
+    """Norms start at 1; make their weights visible (the final norm and EAGLE 3.1's input norms)."""
+    generator = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for name, param in draft.named_parameters():
+            if name.startswith(("norm.", "input_norm.", "fc_norm.")):
+                param.add_(0.3 * torch.randn(param.shape, generator=generator))
+    return draft
+
+
+@pytest.mark.parametrize("options", EAGLE31, ids=lambda o: "+".join(o))
+def test_ttt_with_eagle31_options_equals_stepwise_kv_cache_reference(options):
+    """With the options on, the batched unroll is still the draft's own step-by-step decoding path."""
+    steps = 3
+    draft, ids, features, logits, loss_mask, attention_mask, positions = _batch("llama", "left", **options)
+    randomise_norms(draft)
+    out = unroll(draft, ids, features, logits, loss_mask, steps=steps, attention_mask=attention_mask,
+                 position_ids=positions)
+    with torch.no_grad():
+        ref_hidden, ref_losses = stepwise_reference(draft, ids, features, logits, loss_mask, attention_mask,
+                                                    positions, steps)
+    for k in range(steps):
+        ran = attention_mask.bool() & out.ran[k]
+        torch.testing.assert_close(out.hidden[k][ran], ref_hidden[k][ran], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.step_losses[k], ref_losses[k][0], atol=1e-5, rtol=1e-5)
+        assert (int(out.correct[k]), int(out.count[k])) == (int(ref_losses[k][1]), int(ref_losses[k][2]))
+
+
+@pytest.mark.parametrize("options", [{}, *EAGLE31], ids=lambda o: "+".join(o) or "eagle3")
+def test_ttt_step_k_reads_the_post_norm_state_of_step_k_minus_1(options):
+    """By hand: the feature input of step 0 is fc(norm(g)) (the input norm the options ask for), and
+    that of step k ≥ 1 is norm(out_{k-1}) with feed_normed_hidden (the draft's final norm, as vLLM's
+    norm_output), else out_{k-1} itself; the logits are lm_head(norm(out_k)) either way."""
+    draft, ids, features, logits, loss_mask, attention_mask, positions = _batch("qwen3", "right", real=11, **options)
+    randomise_norms(draft)
+    calls = []  # (feature input, un-normed output) of each run of the decoder layer: one per step
+    hook = draft.midlayer.register_forward_hook(lambda module, args, out: calls.append((args[1], out)))
+    with torch.no_grad():
+        out = unroll(draft, ids, features, logits, loss_mask, steps=3, all_rows=True)  # every row, in order
+    hook.remove()
+    eps = draft.config.rms_norm_eps
+
+    def rms(x, weight):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+    g = features
+    if options.get("norm_before_fc"):
+        g = rms(g, draft.input_norm.weight)
+    if options.get("fc_norm"):
+        g = torch.cat([rms(part, norm.weight) for part, norm in zip(g.split(64, dim=-1), draft.fc_norm)], dim=-1)
+    assert len(calls) == 3
+    torch.testing.assert_close(calls[0][0], g @ draft.fc.weight.T, atol=1e-5, rtol=1e-5)
+    states = []  # by hand: the state each step hands on
+    for k, (_, raw) in enumerate(calls):
+        states.append(rms(raw, draft.norm.weight) if options.get("feed_normed_hidden") else raw)
+        torch.testing.assert_close(out.hidden[k], states[k], atol=1e-5, rtol=1e-5)  # what the unroll returns
+        if k > 0:  # step k's feature input is step k-1's state
+            torch.testing.assert_close(calls[k][0], states[k - 1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(draft.logits(out.hidden[k]), draft.lm_head(rms(raw, draft.norm.weight)),
+                                   atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("all_rows", [False, True])

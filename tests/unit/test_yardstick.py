@@ -93,6 +93,26 @@ def test_walk_equals_chain_decoding_step_for_step(draft_type, k):
                                                                for i in range(k)])
 
 
+EAGLE31 = [dict(fc_norm=True, feed_normed_hidden=True), dict(norm_before_fc=True, feed_normed_hidden=True)]
+
+
+@pytest.mark.parametrize("options", EAGLE31, ids=lambda o: "+".join(o))
+def test_walk_equals_chain_decoding_with_eagle31_options(options):
+    """The training path (TTT's rollout, which the yardstick reuses) and the decoding path agree on
+    a draft that feeds its post-norm state to the next step, step for step."""
+    target = tiny_target("llama")
+    draft = train_tiny_draft(target, "eagle3", **options)
+    prompts, length, k = random_prompts(6, seed=11), 40, 3
+    answers, features = _answers_and_features(target, draft, prompts, length)
+    stick = Yardstick(answers, features, length, stop=())
+    decoded = [speculative_generate(target, draft, ids, SpecSettings(mode="chain", num_draft_tokens=k,
+                                                                     max_new_tokens=length)).accepted
+               for ids in prompts]
+    for item, runs, accepted in zip(answers, stick.runs(draft, k, batch_size=4), decoded):
+        assert chain_walk(runs, len(item.prompt), item.answer, length, set()) == accepted
+    assert sum(a >= 2 for steps in decoded for a in steps) > 5  # later steps, which read the fed-back state, ran
+
+
 def test_batching_does_not_change_the_runs():
     target = tiny_target("llama")
     draft = train_tiny_draft(target, "eagle3", steps=50)

@@ -79,15 +79,17 @@ def target_outputs(model, input_ids, attention_mask=None):
     return out.hidden_states, out.logits
 
 
-def tiny_draft(target, draft_type: str = "eagle3", draft_vocab_size: int = 64, seed: int = 0, counts=None):
+def tiny_draft(target, draft_type: str = "eagle3", draft_vocab_size: int = 64, seed: int = 0, counts=None,
+               **options):
     """A draft (and its config) for `target`; the EAGLE-3 draft vocab comes from `counts` [V]
-    (default: random counts, so about draft_vocab_size / 256 of the target's tokens are covered)."""
+    (default: random counts, so about draft_vocab_size / 256 of the target's tokens are covered);
+    `options`: EAGLE 3.1 DraftConfig options (norm_before_fc, fc_norm, feed_normed_hidden)."""
     from baldeagle.model.draft_config import draft_config_from_target
     from baldeagle.model.eagle1 import Eagle1Draft
     from baldeagle.model.eagle3 import Eagle3Draft
     from baldeagle.model.vocab import build_draft_vocab
 
-    cfg = draft_config_from_target(target.config, draft_type, draft_vocab_size=draft_vocab_size)
+    cfg = draft_config_from_target(target.config, draft_type, draft_vocab_size=draft_vocab_size, **options)
     torch.manual_seed(seed)
     if draft_type == "eagle1":
         return Eagle1Draft.from_target(target, cfg), cfg
@@ -111,9 +113,10 @@ def random_prompts(count, seed=0, vocab=256):
     return out
 
 
-def train_tiny_draft(target, draft_type, steps=300):
+def train_tiny_draft(target, draft_type, steps=300, **options):
     """A briefly trained draft: one-step EAGLE training on the target's own greedy continuations
-    (cross-entropy against the target's argmax; EAGLE-3's vocabulary from the data's token counts)."""
+    (cross-entropy against the target's argmax; EAGLE-3's vocabulary from the data's token counts);
+    `options`: EAGLE 3.1 DraftConfig options."""
     from baldeagle.model.draft_config import draft_config_from_target
     from baldeagle.model.eagle1 import Eagle1Draft
     from baldeagle.model.eagle3 import Eagle3Draft
@@ -126,7 +129,7 @@ def train_tiny_draft(target, draft_type, steps=300):
         with torch.no_grad():
             out = target(full, output_hidden_states=True)
         data.append((full, out.hidden_states, out.logits.argmax(-1)))
-    cfg = draft_config_from_target(target.config, draft_type, draft_vocab_size=64)
+    cfg = draft_config_from_target(target.config, draft_type, draft_vocab_size=64, **options)
     torch.manual_seed(0)
     if draft_type == "eagle3":
         counts = torch.bincount(torch.cat([argmax[0] for _, _, argmax in data]), minlength=cfg.vocab_size)

@@ -225,7 +225,8 @@ def draft_tree(draft, root_hidden: torch.Tensor, draft_cache, n: int, shape: tup
     """Grow the draft's tree below the root x_n (`grow_tree`; a chain when topk is 1).
 
     root_hidden [1, H]: the draft's output at the root row, the feature of the root's children.
-    The tree's rows follow the n committed rows in `draft_cache`; each row's output feeds its children.
+    The tree's rows follow the n committed rows in `draft_cache`; each row's output feeds its children
+    (`draft.forward`'s output, as in training: EAGLE 3.1's post-norm state when the draft asks for it).
     """
     depth, topk, total_tokens = shape
     device = root_hidden.device

@@ -10,6 +10,10 @@ bias. Choices the target's family makes that a draft does not copy:
 - Mistral's sliding window: ignored; the draft attends to its whole (short) context.
 - `attention_bias` keeps Llama's meaning (q, k, v and o projections all biased), so an exported
   draft loads into the engines' Llama-based EAGLE models; a Qwen2 target (q/k/v bias) sets it.
+
+EAGLE 3.1 options (EAGLE-3 only, all off by default; the draft's own choices, not the target's):
+`norm_before_fc`, `fc_norm` and `feed_normed_hidden` (see `baldeagle.model.eagle3`). Each is one
+flag of the speculators / vLLM Eagle3 config (`ENGINE_FLAGS`), which is what an export writes.
 """
 
 from __future__ import annotations
@@ -54,6 +58,29 @@ class DraftConfig:
     torch_dtype: str = "float32"  # the target's dtype, as a string ("bfloat16", ...)
     target_model: str = ""  # name_or_path of the target
     target_architecture: str = ""  # e.g. "LlamaForCausalLM"
+    # EAGLE 3.1 (eagle3 only): RMSNorm on the fused [3H] features before fc, or one RMSNorm per aux
+    # layer's [H] feature (EAGLE 3.1's "FC normalisation"); and the next step reads norm(out), the
+    # final norm's output, instead of out. Absent from older draft_config.json files: off.
+    norm_before_fc: bool = False
+    fc_norm: bool = False
+    feed_normed_hidden: bool = False
+
+
+# DraftConfig option → the speculators / vLLM Eagle3 config flag that describes the same computation
+# (speculators `models/eagle3/core.py`, vLLM `model_executor/models/llama_eagle3.py`).
+ENGINE_FLAGS = {"norm_before_fc": "norm_before_fc", "fc_norm": "fc_norm", "feed_normed_hidden": "norm_output"}
+NORM_OPTIONS = tuple(ENGINE_FLAGS)
+
+
+def check_norm_options(draft_type: str, options: dict) -> None:
+    """options: {DraftConfig option: bool}. EAGLE-1 has none of them; the two input norms exclude
+    each other (speculators refuses the pair, and BaldEagle implements one norm before fc at most)."""
+    chosen = [name for name in NORM_OPTIONS if options.get(name)]
+    if chosen and draft_type != "eagle3":
+        raise ValueError(f"draft_type={draft_type} does not support {', '.join(chosen)} (an EAGLE-3 option)")
+    if options.get("norm_before_fc") and options.get("fc_norm"):
+        raise ValueError("norm_before_fc and fc_norm exclude each other: one norm over the fused features, "
+                         "or one per aux layer")
 
 
 def _dtype_name(text) -> str:
@@ -85,11 +112,17 @@ def check_aux_layer_ids(aux_layer_ids: list[int], num_layers: int, draft_type: s
 
 
 def draft_config_from_target(
-    target_config, draft_type: str, draft_vocab_size: int = 32000, aux_layer_ids: list[int] | None = None
+    target_config, draft_type: str, draft_vocab_size: int = 32000, aux_layer_ids: list[int] | None = None,
+    **norm_options: bool,
 ) -> DraftConfig:
-    """A draft config that follows `target_config` (a Transformers config of a causal LM)."""
+    """A draft config that follows `target_config` (a Transformers config of a causal LM);
+    `norm_options`: the EAGLE 3.1 options (`NORM_OPTIONS`), off when not given."""
     if draft_type not in DRAFT_TYPES:
         raise ValueError(f"draft_type must be one of {DRAFT_TYPES}, got {draft_type!r}")
+    unknown = sorted(set(norm_options) - set(NORM_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown draft option(s) {unknown}; known: {list(NORM_OPTIONS)}")
+    check_norm_options(draft_type, norm_options)
     text = text_config(target_config)
     layers = int(text.num_hidden_layers)
     vocab = int(text.vocab_size)
@@ -119,6 +152,7 @@ def draft_config_from_target(
         torch_dtype=_dtype_name(text),
         target_model=str(getattr(target_config, "_name_or_path", "") or getattr(target_config, "name_or_path", "")),
         target_architecture=str(architectures[0]) if architectures else "",
+        **{name: bool(value) for name, value in norm_options.items()},
     )
 
 
@@ -188,4 +222,8 @@ def load(folder: str | Path) -> DraftConfig:
         raise ValueError(f"{path}: missing draft config key(s) {missing}")
     if data["draft_type"] not in DRAFT_TYPES:
         raise ValueError(f"{path}: draft_type must be one of {DRAFT_TYPES}, got {data['draft_type']!r}")
+    try:
+        check_norm_options(data["draft_type"], data)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
     return DraftConfig(**data)

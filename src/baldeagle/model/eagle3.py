@@ -6,11 +6,25 @@ concatenated, 3H) and the next token x_{t+1}:
     h_t   = fc(g_t)                                          # 3H → H, no bias, once (`project`)
     a_t   = [input_layernorm(embed(x_{t+1})); hidden_norm(h_t)]  # 2H, into q/k/v
     r_t   = h_t + o_proj(attention(a_t))                     # the residual is the feature
-    out_t = r_t + mlp(post_attention_layernorm(r_t))         # fed back, un-normed, as the next h
+    out_t = r_t + mlp(post_attention_layernorm(r_t))         # fed back, un-normed, as the next h_t
     logits_t = lm_head(norm(out_t))                          # [draft_vocab]; target id = id + d2t[id]
 
+EAGLE 3.1 options (DraftConfig; each off by default, and then nothing above changes):
+
+    norm_before_fc:      h_t = fc(input_norm(g_t))           # one RMSNorm over the fused [3H]
+    fc_norm:             h_t = fc([fc_norm.i(g_t^i) for each aux layer i])  # one RMSNorm per [H]
+    feed_normed_hidden:  the next step's h is norm(out_t)    # the post-norm state, not out_t
+
+`forward` returns the state the next step reads (out_t, or norm(out_t) with feed_normed_hidden) and
+`logits` reads that state, so training-time test, the yardstick and decoding, which all carry
+`forward`'s output to the next step and score it with `logits`, follow the option unchanged.
+These are speculators' / vLLM's Eagle3 `norm_before_fc`, `fc_norm` and `norm_output`: vLLM's
+`combine_hidden_states` applies `input_norm` / `fc_norm` before fc, and its model returns the
+post-norm hidden state for the logits and, with `norm_output`, for the next step too.
+
 Parameter and buffer names are those SGLang's / vLLM's `LlamaForCausalLMEagle3` read: `fc.weight`
-[H, 3H], `midlayer.*` (q/k/v take 2H), `norm.weight`, `lm_head.weight` [Vd, H], `d2t`, `t2d`.
+[H, 3H], `midlayer.*` (q/k/v take 2H), `norm.weight`, `lm_head.weight` [Vd, H], `d2t`, `t2d`; and,
+only when their option is on, vLLM's `input_norm.weight` [3H] or `fc_norm.{i}.weight` [H].
 """
 
 from __future__ import annotations
@@ -63,6 +77,10 @@ class Eagle3Draft(DraftBase):
         # target_id = draft_id + d2t[draft_id]; t2d[target_id] is True for the draft vocabulary.
         self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
         self.register_buffer("t2d", torch.zeros(cfg.vocab_size, dtype=torch.bool))
+        if cfg.norm_before_fc:  # EAGLE 3.1 options: modules exist only when on, so older drafts load as before
+            self.input_norm = LlamaRMSNorm(len(cfg.aux_layer_ids) * hidden, eps=cfg.rms_norm_eps)
+        if cfg.fc_norm:
+            self.fc_norm = nn.ModuleList(LlamaRMSNorm(hidden, eps=cfg.rms_norm_eps) for _ in cfg.aux_layer_ids)
         self.freeze_target_copies()
 
     @classmethod
@@ -90,8 +108,15 @@ class Eagle3Draft(DraftBase):
         self.t2d[used] = True
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
-        """Fused aux features [B, T, 3H] → [B, T, H] (applied once, before the first step)."""
-        return self.fc(features.to(self.fc.weight.dtype))
+        """Fused aux features [B, T, 3H] → [B, T, H] (applied once, before the first step); with
+        norm_before_fc / fc_norm normalised first (over all 3H / per aux layer's H)."""
+        x = features.to(self.fc.weight.dtype)
+        if self.config.norm_before_fc:
+            x = self.input_norm(x)
+        if self.config.fc_norm:
+            parts = x.chunk(len(self.fc_norm), dim=-1)  # [B, T, H] each, in aux_layer_ids order
+            x = torch.cat([norm(part) for norm, part in zip(self.fc_norm, parts)], dim=-1)
+        return self.fc(x)
 
     def forward(
         self,
@@ -101,10 +126,13 @@ class Eagle3Draft(DraftBase):
         cache: DraftCache | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids [B, T] (x_{t+1}), hidden [B, T, H] (projected feature or previous out) → out [B, T, H]."""
+        """input_ids [B, T] (x_{t+1}), hidden [B, T, H] (projected feature or the previous step's
+        state) → the state the next step reads [B, T, H]: out (un-normed), or norm(out) with
+        feed_normed_hidden. `logits` takes this state."""
         embeds = self.embed_tokens(input_ids)  # [B, T, H]
         hidden = hidden.to(embeds.dtype)
-        return self.midlayer(embeds, hidden, self.rope(hidden, position_ids), cache, attention_mask)
+        out = self.midlayer(embeds, hidden, self.rope(hidden, position_ids), cache, attention_mask)
+        return self.norm(out) if self.config.feed_normed_hidden else out
 
     def keys_values(self, input_ids: torch.Tensor, hidden: torch.Tensor, position_ids: torch.Tensor):
         """The keys and values `forward` would add to a cache for these rows, without the rest of the
@@ -115,9 +143,10 @@ class Eagle3Draft(DraftBase):
         x = self.midlayer.attention_input(embeds, hidden)
         return self.midlayer.self_attn.keys_values(x, self.rope(hidden, position_ids))
 
-    def logits(self, out: torch.Tensor) -> torch.Tensor:
-        """[..., H] → [..., Vd] over the draft vocabulary."""
-        return self.lm_head(self.norm(out))
+    def logits(self, state: torch.Tensor) -> torch.Tensor:
+        """`forward`'s output [..., H] → [..., Vd] over the draft vocabulary: lm_head(norm(out)) either
+        way (with feed_normed_hidden the state is norm(out) already)."""
+        return self.lm_head(state if self.config.feed_normed_hidden else self.norm(state))
 
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return draft_ids + self.d2t[draft_ids]

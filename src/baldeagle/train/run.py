@@ -25,7 +25,7 @@ from baldeagle.data.prepare import load_prepared
 from baldeagle.io import (atomic_dir, atomic_write_json, check_safetensors, check_torch_file, provenance, read_json,
                          remove_stale_partials)
 from baldeagle.model.checkpoint import WEIGHTS_NAME, load_draft, save_draft
-from baldeagle.model.draft_config import CONFIG_NAME, draft_config_from_target
+from baldeagle.model.draft_config import CONFIG_NAME, NORM_OPTIONS, check_norm_options, draft_config_from_target
 from baldeagle.model.vocab import build_draft_vocab, count_trained_tokens
 from baldeagle.targets import load_target, stop_token_ids
 from baldeagle.train.collate import PadCollator, add_length_column
@@ -42,6 +42,10 @@ def check_settings(cfg: TrainConfig) -> None:
         raise ConfigError(f"draft_type must be eagle1 or eagle3, got {cfg.draft_type!r}")
     if cfg.mode not in ("online", "offline"):
         raise ConfigError(f"mode must be online or offline, got {cfg.mode!r}")
+    try:
+        check_norm_options(cfg.draft_type, norm_options(cfg))  # EAGLE 3.1 options: EAGLE-3 only
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     if cfg.mode == "offline" and not cfg.features:
         raise ConfigError("mode=offline needs features=DIR (a store written by baldeagle features)")
     torch_dtype(cfg.target_dtype)  # a ConfigError for an unknown name
@@ -58,6 +62,11 @@ def check_settings(cfg: TrainConfig) -> None:
             raise ConfigError(f"eval_chain_k must be in 1..{MAX_CHAIN}, got {cfg.eval_chain_k}")
         if cfg.eval_prompts_new_tokens < 2 or cfg.eval_prompts_limit < 0:
             raise ConfigError("eval_prompts_new_tokens must be at least 2 and eval_prompts_limit at least 0")
+
+
+def norm_options(cfg: TrainConfig) -> dict[str, bool]:
+    """The draft's EAGLE 3.1 options (`DraftConfig` fields of the same names) as this run asks for them."""
+    return {name: bool(getattr(cfg, name)) for name in NORM_OPTIONS}
 
 
 def resume_checkpoint(cfg: TrainConfig) -> str | None:
@@ -122,13 +131,17 @@ def check_target_fits(dataset, stats: dict, target, data: str) -> None:
 
 def build_draft(cfg: TrainConfig, target, train_rows, checkpoint: str | None):
     draft_cfg = draft_config_from_target(
-        target.config, cfg.draft_type, cfg.draft_vocab_size, cfg.aux_layer_ids or None
+        target.config, cfg.draft_type, cfg.draft_vocab_size, cfg.aux_layer_ids or None, **norm_options(cfg)
     )
     if checkpoint:
         draft = load_draft(checkpoint, expected_type=cfg.draft_type, target_config=target.config)
         if draft.config.aux_layer_ids != draft_cfg.aux_layer_ids:
             raise ValueError(f"{checkpoint}: the draft reads aux layers {draft.config.aux_layer_ids}, "
                              f"this run asks for {draft_cfg.aux_layer_ids}")
+        for name in NORM_OPTIONS:
+            if getattr(draft.config, name) != getattr(draft_cfg, name):
+                raise ValueError(f"{checkpoint}: the draft was trained with {name}={getattr(draft.config, name)}, "
+                                 f"this run asks for {name}={getattr(draft_cfg, name)}")
         return draft
     d2t = None
     if cfg.draft_type == "eagle3":

@@ -3,7 +3,8 @@
 Alignment (x_0..x_{T-1} the tokens, row t = after the target read x_t):
 
     step k, row t:  token x_{t+1+k} (teacher forced), RoPE position t+k,
-                    feature = fc(aux features at t) for k = 0, the draft's step-(k-1) output at t after,
+                    feature = fc(aux features at t) for k = 0, the draft's step-(k-1) output at t after
+                    (what `draft.forward` returns: the post-norm state with EAGLE 3.1's feed_normed_hidden),
                     target  = the target's next-token distribution at position t+1+k,
                     trained if x_{t+2+k} is (loss_mask[t+2+k]); rows past the end and
                     padding rows (attention_mask[t] = 0) are dropped.
