@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import logging
+import os
 import re
 import sys
 
@@ -96,8 +98,38 @@ def run_stage(stage: str, cfg):
     return getattr(importlib.import_module(module_name), function_name)(cfg)
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler that writes to whatever sys.stderr is at the time (tests swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
+class _MessageFormat(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno < logging.WARNING else record.levelname.lower() + ": "
+        return f"baldeagle: {level}{record.getMessage()}"
+
+
+def setup_logging() -> None:
+    """BaldEagle's progress messages on stderr, from the main process only (other ranks: warnings)."""
+    log = logging.getLogger("baldeagle")
+    if not any(isinstance(h, _Stderr) for h in log.handlers):
+        handler = _Stderr()
+        handler.setFormatter(_MessageFormat())
+        log.addHandler(handler)
+    main_process = os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+    log.setLevel(logging.INFO if main_process else logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    setup_logging()
     try:
         stage, cfg = parse_config(argv)
         run_stage(stage, cfg)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shlex
 from pathlib import Path
@@ -49,6 +50,8 @@ from baldeagle.io import atomic_dir, provenance
 from baldeagle.model.checkpoint import build_draft, load_draft
 from baldeagle.model.draft_config import ENGINE_FLAGS, NORM_OPTIONS, DraftConfig, check_fits_target
 from baldeagle.targets import DEFAULT_TARGET, resolve_model
+
+logger = logging.getLogger(__name__)
 
 FORMATS = ("sglang", "vllm", "speculators")
 SPECULATORS_SCHEMA = "0.9.0"  # the speculators release whose config schema this writes
@@ -466,7 +469,7 @@ def run_export(cfg: ExportConfig):
     if cfg.check:
         target_config = target_config_or_none(cfg.model or recorded_target(cfg.check))
         if cfg.model and target_config is None:
-            print(f"note: {cfg.model}'s config cannot be read offline; checking against {EXPORT_INFO} only")
+            logger.warning("%s's config cannot be read offline; checking against %s only", cfg.model, EXPORT_INFO)
         problems = check_export(cfg.check, target_config)
         for problem in problems:
             print(f"problem: {problem}")

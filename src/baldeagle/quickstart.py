@@ -17,6 +17,7 @@ fast; an interrupted run resumes). This file doubles as the tutorial: read it to
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from importlib import resources
@@ -35,6 +36,8 @@ from baldeagle.config import (
     load_config,
 )
 
+logger = logging.getLogger(__name__)
+
 # The quickstart's training settings ship inside the package (package data), so an installed
 # baldeagle finds them as the checkout does: src/baldeagle/configs/quickstart.yaml.
 QUICKSTART_TRAIN = Path(str(resources.files("baldeagle") / "configs" / "quickstart.yaml"))
@@ -46,10 +49,10 @@ TREE = {"tree_depth": 4, "tree_topk": 2, "tree_total_tokens": 8}  # on a CPU, ve
 
 def _stage(name: str, done: Path, timings: dict, run) -> None:
     if done.exists():
-        print(f"quickstart: {name}: already done ({done})")
+        logger.info("quickstart: %s: already done (%s)", name, done)
         timings[name] = 0.0
         return
-    print(f"\nquickstart: {name} ...", flush=True)
+    logger.info("quickstart: %s ...", name)
     start = time.monotonic()
     run()
     timings[name] = round(time.monotonic() - start, 1)

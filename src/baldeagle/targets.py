@@ -7,12 +7,15 @@ The packaged default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import torch
 
 from baldeagle.io import atomic_dir, package_folder
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_TARGET = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -51,7 +54,7 @@ def packaged_smollm2() -> Path:
     folder = cache_root() / "smollm2"
     if (folder / "config.json").is_file():
         return folder
-    print(f"baldeagle: converting the packaged SmolLM2 to {folder} (once, ~20 s)", flush=True)
+    logger.info("converting the packaged SmolLM2 to %s (once, ~20 s)", folder)
     try:
         _convert_smollm2(folder)
     except FileExistsError:

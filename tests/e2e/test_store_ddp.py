@@ -43,7 +43,8 @@ def test_two_processes_write_the_single_process_store(tmp_path):
 
     one, two = FeatureStore(tmp_path / "one"), FeatureStore(tmp_path / "two")
     shards = [entry["file"] for entry in one.manifest["shards"]]
-    assert f"wrote {(len(shards) + 1) // 2} shards on rank 0" in two_run.stdout  # shard i → rank i % 2
+    assert f"wrote {(len(shards) + 1) // 2} shards on rank 0" in two_run.stderr  # shard i → rank i % 2
+    assert "on rank 1" not in two_run.stderr  # progress from the main process only
     assert len(shards) >= 4 and shards == [entry["file"] for entry in two.manifest["shards"]]
     for name in shards:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name

@@ -348,7 +348,7 @@ def test_cli_features_stage(setup, tmp_path, capsys):
     argv = ["features", "--model", str(setup["root"] / "model"), "--data", str(setup["root"] / "prepared"),
             "--out", str(out), "--draft-type", "eagle1", "--limit", "6", "batch_tokens=64"]
     assert cli.main(argv) == 0
-    printed = capsys.readouterr().out
-    assert "will write" in printed and "free disk" in printed
+    printed = capsys.readouterr().err  # progress messages: logging, on stderr
+    assert "baldeagle: features: will write" in printed and "free disk" in printed
     assert len(FeatureStore(out)) == 6 and (out / "config.yaml").is_file()
     assert cli.main(argv[:-3] + ["--draft-type", "eagle5"]) == 2

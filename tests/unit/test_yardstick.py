@@ -6,6 +6,7 @@ step. The answer cache is reused, rebuilt when what it depends on changes, and r
 named cache was made for something else."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -154,11 +155,13 @@ def _build(saved, model="target", **settings):
     return build_yardstick(target_dir, config, YardstickSettings(**options))
 
 
-def test_answers_are_cached_and_rebuilt_when_an_input_changes(saved, cache, capsys, tmp_path):
+def test_answers_are_cached_and_rebuilt_when_an_input_changes(saved, cache, caplog, tmp_path):
+    caplog.set_level(logging.INFO, logger="baldeagle")
     first = _build(saved)
-    assert "answers 3 prompts once" in capsys.readouterr().out
+    assert "answers 3 prompts once" in caplog.text
+    caplog.clear()
     again = _build(saved)
-    assert "prompts once" not in capsys.readouterr().out  # reused, not generated again
+    assert "prompts once" not in caplog.text  # reused, not generated again
     assert again.folder == first.folder and [a.answer for a in again.answers] == [a.answer for a in first.answers]
     for item in first.answers:
         assert len(item.answer) == 12 + LOOKAHEAD or item.answer[-1] in first.stop
@@ -176,7 +179,7 @@ def test_answers_are_cached_and_rebuilt_when_an_input_changes(saved, cache, caps
     (template / "chat_template.jinja").unlink(missing_ok=True)
     folders.add(_build(saved, template).folder)
     assert len(folders) == 5
-    assert capsys.readouterr().out.count("prompts once") == 4
+    assert caplog.text.count("prompts once") == 4
 
 
 def test_a_named_cache_from_another_target_or_length_is_refused(saved, cache):

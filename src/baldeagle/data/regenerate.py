@@ -24,6 +24,7 @@ once every turn of the chunk is answered, so a kill loses at most one chunk.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -36,6 +37,8 @@ from baldeagle.config import RegenerateConfig, to_dict
 from baldeagle.data import sources, template
 from baldeagle.data.generation import Sampling, make_generator
 from baldeagle.io import atomic_write_json, ensure_writable, provenance
+
+logger = logging.getLogger(__name__)
 
 MIN_PROMPT_CHARS = 10
 # A sampled batch of prompts ends when its longest row does; the last tenth of the rows often costs
@@ -173,11 +176,11 @@ def write_self_prompts(cfg: RegenerateConfig, generator, path: Path, counts: Cou
         new = new[: cfg.self_prompts - len(rows)]
         append_lines(path, new)
         rows += new
-        print(f"regenerate: {len(rows)}/{cfg.self_prompts} self-written prompts "
-              f"(rejected so far: {dict(rejected) or 'none'})", flush=True)
+        logger.info(f"regenerate: {len(rows)}/{cfg.self_prompts} self-written prompts "
+                    f"(rejected so far: {dict(rejected) or 'none'})")
     if len(rows) < cfg.self_prompts:
-        print(f"regenerate: warning: only {len(rows)} of {cfg.self_prompts} self-written prompts passed the "
-              f"filters after {attempts} samples ({dict(rejected)})", flush=True)
+        logger.warning(f"regenerate: only {len(rows)} of {cfg.self_prompts} self-written prompts passed the "
+                       f"filters after {attempts} samples ({dict(rejected)})")
     return rows
 
 
@@ -254,8 +257,8 @@ def _answer_pending(cfg: RegenerateConfig, pending: list[Conversation], generato
     bar = tqdm(total=len(pending), desc="regenerate", unit="conv")
     for first in range(0, len(pending), cfg.chunk_size):
         if first and cfg.max_minutes and time.monotonic() - start > 60 * cfg.max_minutes:  # one chunk at least
-            print(f"regenerate: time budget of {cfg.max_minutes} minutes reached; "
-                  f"{len(pending) - first} conversations left for a later run", flush=True)
+            logger.info(f"regenerate: time budget of {cfg.max_minutes} minutes reached; "
+                        f"{len(pending) - first} conversations left for a later run")
             break
         chunk = pending[first:first + cfg.chunk_size]
         answer_chunk(chunk, generator, sampling, max_prompt, counts)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -41,6 +42,8 @@ from baldeagle.errors import BaldEagleError
 from baldeagle.io import atomic_write_text, ensure_writable, provenance
 from baldeagle.conventions import default_aux_layers, num_layers
 from baldeagle.targets import load_target, load_tokenizer, resolve_model
+
+logger = logging.getLogger(__name__)
 
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -234,14 +237,14 @@ def _store_key(cfg: FeaturesConfig, aux: list[int], fields: dict, target: dict, 
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()
 
 
-def _check_disk(cfg: FeaturesConfig, out: Path, plans, done, fields, store_key, world, say, rows: str) -> None:
+def _check_disk(cfg: FeaturesConfig, out: Path, plans, done, fields, store_key, world, rows: str) -> None:
     """Report the plan; refuse (on every rank alike) a store that would not fit, unless --force."""
     total = store_bytes(plans, fields, store_key)
     needed = store_bytes([p for p, d in zip(plans, done) if not d], fields, store_key)
     free = shutil.disk_usage(out).free
-    say(f"features: {rows}, {len(plans)} shards ({sum(done)} already done), "
-        f"{bytes_per_token(fields)} bytes/token ({cfg.draft_type}, bf16)")
-    say(f"features: will write {_gib(needed)} (store {_gib(total)}) to {out}; free disk {_gib(free)}")
+    logger.info(f"features: {rows}, {len(plans)} shards ({sum(done)} already done), "
+                f"{bytes_per_token(fields)} bytes/token ({cfg.draft_type}, bf16)")
+    logger.info(f"features: will write {_gib(needed)} (store {_gib(total)}) to {out}; free disk {_gib(free)}")
     if _rank0_decides(needed > free and not cfg.force, world):
         raise DiskSpaceError(f"the store needs {_gib(needed)} but {out} has {_gib(free)} free; "
                              "use --max-bytes or --limit for a subset, or --force")
@@ -290,7 +293,6 @@ def run_features(cfg: FeaturesConfig) -> dict:
     rank, world, local_rank, created = _distributed()
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{local_rank % torch.cuda.device_count()}" if cuda else "cpu")
-    say = (lambda *a: print("baldeagle:", *a, flush=True)) if rank == 0 else (lambda *a: None)
     try:
         # 1. The prepared rows, the target, and what a token stores.
         dataset, _ = load_prepared(cfg.data)
@@ -310,7 +312,7 @@ def run_features(cfg: FeaturesConfig) -> dict:
         done = _check_existing(out, plans, fields, store_key)
         _check_logits(model, lm_head, batch_tensors(dataset, [plans[-1].rows[-1]], min(cfg.max_length, 64), device)[0])
         tokens = sum(p.tokens for p in plans)
-        _check_disk(cfg, out, plans, done, fields, store_key, world, say,
+        _check_disk(cfg, out, plans, done, fields, store_key, world,
                     f"{count} of {len(lengths)} rows, {tokens} tokens")
         # 4. This rank's missing shards: shard i belongs to rank i % world.
         mine = [p for p, d in zip(plans, done) if not d and p.index % world == rank]
@@ -328,8 +330,8 @@ def run_features(cfg: FeaturesConfig) -> dict:
                    "bytes": sum((out / shard_name(p.index)).stat().st_size for p in plans),
                    "bytes_per_token": bytes_per_token(fields), "seconds": seconds,
                    "tokens_per_second": computed / seconds if computed else 0.0, "rank": rank, "world": world}
-        say(f"features: wrote {len(mine)} shards on rank 0 ({summary['tokens_per_second']:.0f} tok/s); "
-            f"store {out} holds {count} rows, {_gib(summary['bytes'])}")
+        logger.info(f"features: wrote {len(mine)} shards on rank {rank} ({summary['tokens_per_second']:.0f} tok/s); "
+                    f"store {out} holds {count} rows, {_gib(summary['bytes'])}")
         return summary
     finally:
         if created:

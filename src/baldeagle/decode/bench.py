@@ -31,6 +31,7 @@ Metrics (written to `<out>/eval.json`):
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import statistics
 import tempfile
@@ -46,6 +47,8 @@ from baldeagle.data.prompts import Prompt, conversation, load_prompt_set
 from baldeagle.decode.speculative import Generation, SpecSettings, plain_generate, speculative_generate
 from baldeagle.model.draft_config import check_fits_target
 from baldeagle.model.packed import pack_linears
+
+logger = logging.getLogger(__name__)
 
 PROMPT_LOOKUP_TOKENS = 10  # Transformers' prompt_lookup_num_tokens (its documented example value)
 
@@ -287,7 +290,7 @@ def _load(cfg: EvalConfig) -> Session:
     target = load_target(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     warnings = check_compatible(target, tokenizer, draft, cfg.model)
     for warning in warnings:
-        print(f"baldeagle: warning: {warning}", flush=True)
+        logger.warning("%s", warning)
     context = int(getattr(text_config(target.config), "max_position_embeddings", 0) or 0)
     if context:
         _check_lengths(tokenizer, prompts, cfg.max_new_tokens, context)
@@ -340,7 +343,7 @@ def _decode_turn(session: Session, prompt: Prompt, turn: int, ids: torch.Tensor,
     base, spec = first["plain"], first["speculative"]
     if greedy and not identical:
         session.warnings.append(f"prompt {prompt.id} turn {turn}: a repeated greedy decode gave other tokens")
-        print(f"baldeagle: warning: {session.warnings[-1]}", flush=True)
+        logger.warning("%s", session.warnings[-1])
     record = {
         "prompt_id": prompt.id, "category": prompt.category, "turn": turn, "prompt_tokens": ids.shape[1],
         "new_tokens": len(spec.tokens), "accepted": spec.accepted, "baseline_new_tokens": len(base.tokens),

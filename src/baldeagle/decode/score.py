@@ -8,11 +8,15 @@ num_prompts) plus `acceptance_length_every_position` (every answer position as a
 
 from __future__ import annotations
 
+import logging
+
 from pathlib import Path
 
 from baldeagle.config import ScoreConfig, to_dict, write_resolved
 from baldeagle.conventions import torch_dtype
 from baldeagle.decode.yardstick import MAX_CHAIN, YardstickSettings, build_yardstick
+
+logger = logging.getLogger(__name__)
 
 
 def check_settings(cfg: ScoreConfig) -> None:
@@ -35,7 +39,7 @@ def run_score(cfg: ScoreConfig) -> dict:
     target = load_target(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     warnings = check_compatible(target, load_tokenizer(cfg.model, cfg.trust_remote_code), draft, cfg.model)
     for warning in warnings:
-        print(f"baldeagle: warning: {warning}", flush=True)
+        logger.warning("%s", warning)
     settings = YardstickSettings(prompts=cfg.prompts, limit=cfg.limit, max_new_tokens=cfg.max_new_tokens,
                                  answers=cfg.answers, dtype=cfg.target_dtype, batch_size=cfg.batch_size)
     stick = build_yardstick(cfg.model, draft.config, settings, target=target, trust_remote_code=cfg.trust_remote_code)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +26,8 @@ import torch
 
 from baldeagle.conventions import text_config, torch_dtype
 from baldeagle.targets import cache_root
+
+logger = logging.getLogger(__name__)
 
 LOOKAHEAD = 8  # answers run this many tokens past max_new_tokens, so a last chain is checked in full
 MAX_CHAIN = LOOKAHEAD
@@ -296,7 +299,7 @@ def build_yardstick(model: str, draft_config, settings: YardstickSettings, targe
     folder = Path(settings.answers) if settings.answers else default_answers_folder(meta)
     answers = read_answers(folder, meta)  # a cache made for other inputs fails here, before any work
     if answers is None:
-        print(f"baldeagle: the target answers {len(prompts)} prompts once (cached in {folder})", flush=True)
+        logger.info("the target answers %d prompts once (cached in %s)", len(prompts), folder)
         generator = HFGenerator(model, settings.dtype, settings.batch_size, trust_remote_code)
         answers = generate_answers(generator, prompts, settings.max_new_tokens)
         write_answers(folder, meta, answers)

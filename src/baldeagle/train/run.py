@@ -244,5 +244,5 @@ def run_train(cfg: TrainConfig) -> dict:
             atomic_write_json(tmp / "metrics.json", {"eval": metrics, "eval_before_training": before,
                                                     "log_history": trainer.state.log_history,
                                                     "provenance": provenance()})
-        print(f"baldeagle: draft written to {Path(cfg.out) / 'final'}")
+        logger.info("draft written to %s", Path(cfg.out) / "final")
     return metrics
