@@ -62,13 +62,19 @@ def packaged_smollm2() -> Path:
     return folder
 
 
-def resolve_model(name: str | None) -> str:
-    """A packaged name, a local folder, or a hub id → what `from_pretrained` accepts."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def resolve_model(name: str | None, tokenizer_only: bool = False) -> str:
+    """A packaged name, a local folder, or a hub id → what `from_pretrained` accepts. A folder for
+    the tokenizer alone (`prepare` on a machine without the weights) needs only tokenizer files."""
     if not name or name == DEFAULT_TARGET:
         return str(packaged_smollm2())
     path = Path(name).expanduser()
     if path.exists():
-        if not (path / "config.json").is_file():
+        if tokenizer_only and not any((path / f).is_file() for f in TOKENIZER_FILES):
+            raise FileNotFoundError(f"model folder {path} has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+        if not tokenizer_only and not (path / "config.json").is_file():
             raise FileNotFoundError(f"model folder {path} has no config.json")
         return str(path)
     return name  # a hub id; from_pretrained reports a clear error without a network
@@ -77,7 +83,7 @@ def resolve_model(name: str | None) -> str:
 def load_tokenizer(name: str | None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code)
+    return AutoTokenizer.from_pretrained(resolve_model(name, tokenizer_only=True), trust_remote_code=trust_remote_code)
 
 
 def load_target(name: str | None, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):

@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -77,3 +78,22 @@ def test_prepare_chitchat_and_view(tmp_path, tokenizer, capsys):
         counts = f"row {k}: {len(dataset[k]['input_ids'])} tokens, {sum(dataset[k]['loss_mask'])} trained"
         assert counts in html and counts in terminal
     assert len(re.findall(r'class="t[01]"', html)) == sum(dataset[0]["loss_mask"]) + sum(dataset[1]["loss_mask"]) + 1
+
+
+def test_prepare_from_the_tokenizer_files_alone(tmp_path):
+    """SmolLM2's tokenizer files and chat template, without config.json or weights, prepare the same
+    rows as the packaged model folder."""
+    import shutil
+
+    from baldeagle.targets import resolve_model
+
+    full = Path(resolve_model("smollm2"))
+    only = tmp_path / "tokenizer-only"
+    only.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (full / name).is_file():
+            shutil.copy(full / name, only / name)
+    for model, out in ((str(full), tmp_path / "full"), (str(only), tmp_path / "only")):
+        assert cli.main(["prepare", "--model", model, "--dataset", "mtbench", "--out", str(out)]) == 0
+    (a, _), (b, _) = load_prepared(tmp_path / "full"), load_prepared(tmp_path / "only")
+    assert len(a) == 39 and a["input_ids"] == b["input_ids"] and a["loss_mask"] == b["loss_mask"]

@@ -53,7 +53,7 @@ def write_rows(path, rows):
 
 def config(tmp_path, model, rows=ROWS, **kwargs):
     data = write_rows(tmp_path / "rows.jsonl", rows)
-    return PrepareConfig(model=model, dataset=data, out=str(tmp_path / "out"), max_length=256, **kwargs)
+    return PrepareConfig(model=model, dataset=data, **{"out": str(tmp_path / "out"), "max_length": 256, **kwargs})
 
 
 def test_bad_rows_are_skipped_and_counted(tmp_path, model, capsys):
@@ -213,3 +213,24 @@ def test_check_conversation_reasons_cover_all_names():
     assert reasons == {"no_assistant_turn", "empty_content", "unknown_role", "non_string_content",
                        "consecutive_same_role"}
     assert prepare.check_conversation(GOOD) is None
+
+
+def test_a_tokenizer_folder_without_config_or_weights_is_enough(tmp_path, model):
+    """People prepare data where the weights are not: a folder with only the tokenizer files and
+    its chat template gives the same rows as the full model folder; a folder without tokenizer
+    files is an error naming it."""
+    import shutil
+    from pathlib import Path
+
+    tokenizer_only = tmp_path / "tokenizer-only"
+    shutil.copytree(model, tokenizer_only)
+    (tokenizer_only / "config.json").unlink()
+    assert not any(p.suffix in (".safetensors", ".bin") for p in Path(model).iterdir())
+    run_prepare(config(tmp_path, model))
+    run_prepare(config(tmp_path, str(tokenizer_only), out=str(tmp_path / "out2")))
+    full, only = load_prepared(tmp_path / "out")[0], load_prepared(tmp_path / "out2")[0]
+    assert len(full) == 2 and full["input_ids"] == only["input_ids"] and full["loss_mask"] == only["loss_mask"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=rf"{empty} has no tokenizer files"):
+        run_prepare(config(tmp_path, str(empty), out=str(tmp_path / "out3")))
