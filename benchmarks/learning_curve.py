@@ -68,7 +68,7 @@ def train_peer(args, d2t: Path, out: Path) -> list[dict]:
     """The peer trained once to the largest mark, saved at every mark (its lr is constant, so a
     save at M minutes is an M-minute run), each converted to a BaldEagle draft folder and scored;
     → [{mark, minutes, step, tokens, tau, categories}]."""
-    from baldeagle.export import load_exported
+    from baldeagle.export_load import load_exported
     from baldeagle.model.checkpoint import save_draft
     from baldeagle.targets import resolve_model
 

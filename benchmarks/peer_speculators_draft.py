@@ -10,7 +10,7 @@ Runs in the isolated venv (benchmarks/setup_speculators_venv.sh), never the proj
 the result beside BaldEagle's draft. What comes out (under --out):
 
     speculators/       the draft as speculators' own `save_pretrained` writes it (`vllm serve DIR`
-                       serves it; `baldeagle.export.load_exported` reads it)
+                       serves it; `baldeagle.export_load.load_exported` reads it)
     train.json         settings, versions, steps done in the budget, per-step loss / accuracy,
                        held-out accuracy per TTT step (speculators' own metric)
     reference.safetensors  inputs and the peer's logits at every TTT step on one held-out row,

@@ -22,7 +22,7 @@ Steps, all under --out (default QUICKSTART/vs_speculators):
    (the span of the LR schedule). The peer keeps its own model, KL loss, optimiser (Muon + AdamW)
    and linear schedule; its architecture flags are the standard EAGLE-3 layout (see that script).
    -> peer/speculators (speculators' save_pretrained), peer/train.json
-3. Convert it with `baldeagle.export.load_exported` -> peer/baldeagle (a `baldeagle eval` draft),
+3. Convert it with `baldeagle.export_load.load_exported` -> peer/baldeagle (a `baldeagle eval` draft),
    check the folder against the engines' contract (`check_export`), and check that the
    converted draft computes the peer's logits at every TTT step on a held-out row
    (peer/reference.safetensors, written by the peer from its own forward).
@@ -213,7 +213,8 @@ def check_conversion(draft, reference: dict, tolerance: float) -> dict:
 def convert_peer(args, out: Path) -> tuple[Path, dict]:
     from safetensors.torch import load_file
 
-    from baldeagle.export import load_exported, target_config_or_none
+    from baldeagle.export_load import load_exported
+    from baldeagle.targets import target_config_or_none
     from baldeagle.export_check import check_export
     from baldeagle.model.checkpoint import save_draft
 

@@ -82,7 +82,8 @@ def _kill_group(process: subprocess.Popen) -> None:
 
 def prepare_draft(cfg: ServeBenchConfig, workdir: Path) -> tuple[Path, str, str]:
     """(exported folder, speculative method, format): a BaldEagle draft is exported for the engine first."""
-    from baldeagle.export import export_draft, target_config_or_none
+    from baldeagle.export import export_draft
+    from baldeagle.targets import target_config_or_none
     from baldeagle.export_check import check_export, describe, read_folder
     from baldeagle.model.checkpoint import load_draft
     from baldeagle.targets import resolve_model

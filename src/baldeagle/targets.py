@@ -80,6 +80,20 @@ def resolve_model(name: str | None, tokenizer_only: bool = False) -> str:
     return name  # a hub id; from_pretrained reports a clear error without a network
 
 
+def target_config_or_none(name: str):
+    """The target's Transformers config when it can be had offline (packaged, local, or cached)."""
+    if not name:
+        return None
+    from transformers import AutoConfig
+
+    try:
+        if name == DEFAULT_TARGET or Path(name).expanduser().exists():
+            return AutoConfig.from_pretrained(resolve_model(name))
+        return AutoConfig.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+
+
 def load_tokenizer(name: str | None, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 

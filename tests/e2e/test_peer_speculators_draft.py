@@ -95,7 +95,7 @@ def test_the_check_notices_a_different_layer(peer, comparison):
     with speculators' norm_before_residual=True would)."""
     from safetensors.torch import load_file
 
-    from baldeagle.export import load_exported
+    from baldeagle.export_load import load_exported
 
     draft = load_exported(peer / "speculators", target="smollm2").eval()
     with torch.no_grad():

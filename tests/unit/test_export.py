@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tiny_targets import draft_features, target_outputs, tiny_target
 
-from baldeagle.export import ExportConfig, export_draft, load_exported, run_export
+from baldeagle.export import ExportConfig, export_draft, run_export
+from baldeagle.export_load import load_exported
 from baldeagle.export_check import check_export
 from baldeagle.model.checkpoint import save_draft
 from baldeagle.model.draft_config import draft_config_from_target

@@ -8,8 +8,8 @@ import baldeagle
 
 SRC = Path(baldeagle.__file__).parent
 BASE = ("baldeagle.config", "baldeagle.io", "baldeagle.conventions", "baldeagle.errors")  # import only each other
-STAGES = ("baldeagle.decode", "baldeagle.train", "baldeagle.export", "baldeagle.export_check", "baldeagle.serve",
-          "baldeagle.vllm_runner", "baldeagle.quickstart", "baldeagle.cli")
+STAGES = ("baldeagle.decode", "baldeagle.train", "baldeagle.export", "baldeagle.export_check", "baldeagle.export_load",
+          "baldeagle.serve", "baldeagle.vllm_runner", "baldeagle.quickstart", "baldeagle.cli")
 FORBIDDEN = {  # package → what no module in it may import
     "baldeagle.data": STAGES,
     "baldeagle.model": STAGES + ("baldeagle.data", "baldeagle.targets"),
