@@ -110,7 +110,7 @@ class TrainConfig(TrainingArguments):
     draft_type: str = _help("eagle3 or eagle1", default="eagle3")
     ttt_steps: int = _help("EAGLE-3 training-time-test steps K", min=1, default=7)
     ttt_step_weight: float = _help("EAGLE-3 loss weight of TTT step k is this to the power k", gt=0, default=0.8)
-    draft_vocab_size: int = _help("EAGLE-3 draft vocabulary (capped at the target's)", min=1, default=32000)
+    draft_vocab_size: int = _help("EAGLE-3 draft vocabulary (at most the target's)", min=1, default=32000)
     aux_layer_ids: list[int] = _help("EAGLE-3 feature layers (hidden_states ids; empty = [2, L//2, L-3])",
                                      default_factory=list)
     norm_before_fc: bool = _help("EAGLE-3: one RMSNorm on the fused 3H target features before fc "

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from baldeagle.config import TrainConfig
+from baldeagle.config import ConfigError, TrainConfig
 from baldeagle.model.checkpoint import load_draft
 from baldeagle.train.run import run_train
 from train_fixtures import save_prepared, save_tiny_target
@@ -94,6 +94,10 @@ def test_bad_data_and_settings_fail_before_training(workspace, tmp_path):
         run_train(config(workspace, "x3", aux_layer_ids=[1, 2, 9]))
     with pytest.raises(ValueError, match="ttt_step_weight"):
         run_train(config(workspace, "x5", ttt_step_weight=0.0))
+    # a draft vocabulary above the target's (256 tokens): refused from the target's config alone
+    with pytest.raises(ConfigError, match=r"draft_vocab_size=300 is above the target's vocabulary of 256 tokens"):
+        run_train(config(workspace, "x6", draft_vocab_size=300, data=str(tmp_path / "no-such-data")))
+    run_train(config(workspace, "x7", draft_vocab_size=256, max_steps=1))  # the full vocabulary is fine
     assert not (workspace["root"] / "x1").exists()
 
 

@@ -19,7 +19,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from baldeagle.config import ConfigError, TrainConfig, write_resolved
-from baldeagle.conventions import pad_token_id, torch_dtype
+from baldeagle.conventions import pad_token_id, text_config, torch_dtype
 from baldeagle.data.features import OnlineFeatures
 from baldeagle.data.prepare import load_prepared
 from baldeagle.io import (atomic_dir, atomic_write_json, check_safetensors, check_torch_file, provenance, read_json,
@@ -27,7 +27,7 @@ from baldeagle.io import (atomic_dir, atomic_write_json, check_safetensors, chec
 from baldeagle.model.checkpoint import WEIGHTS_NAME, load_draft, save_draft
 from baldeagle.model.draft_config import CONFIG_NAME, NORM_OPTIONS, check_norm_options, draft_config_from_target
 from baldeagle.model.vocab import build_draft_vocab, count_trained_tokens
-from baldeagle.targets import load_target, stop_token_ids
+from baldeagle.targets import load_target, stop_token_ids, target_config_or_none
 from baldeagle.train.collate import PadCollator, add_length_column
 from baldeagle.train.objective import DraftObjective
 from baldeagle.train.trainer import EagleTrainer, EvaluateEvery, TimeBudget
@@ -62,6 +62,14 @@ def check_settings(cfg: TrainConfig) -> None:
             raise ConfigError(f"eval_chain_k must be in 1..{MAX_CHAIN}, got {cfg.eval_chain_k}")
         if cfg.eval_prompts_new_tokens < 2 or cfg.eval_prompts_limit < 0:
             raise ConfigError("eval_prompts_new_tokens must be at least 2 and eval_prompts_limit at least 0")
+
+
+def check_draft_vocab(cfg: TrainConfig, target_config) -> None:
+    """An EAGLE-3 draft vocabulary larger than the target's is a mistake, not something to cap quietly."""
+    vocab = int(text_config(target_config).vocab_size)
+    if cfg.draft_type == "eagle3" and cfg.draft_vocab_size > vocab:
+        raise ConfigError(f"draft_vocab_size={cfg.draft_vocab_size} is above the target's vocabulary of {vocab} "
+                          f"tokens ({cfg.model}); use at most {vocab} (the full vocabulary)")
 
 
 def norm_options(cfg: TrainConfig) -> dict[str, bool]:
@@ -201,9 +209,13 @@ def eval_before_training(trainer, cfg: TrainConfig, checkpoint: str | None) -> d
 
 def run_train(cfg: TrainConfig) -> dict:
     check_settings(cfg)
+    target_config = target_config_or_none(cfg.model)  # the config alone, before any work (None: a hub id offline)
+    if target_config is not None:
+        check_draft_vocab(cfg, target_config)
     checkpoint = resume_checkpoint(cfg)
     dataset, stats = load_prepared(cfg.data)
     target = load_target(cfg.model, torch_dtype(cfg.target_dtype), cfg.trust_remote_code)
+    check_draft_vocab(cfg, target.config)
     check_target_fits(dataset, stats, target, cfg.data)
     pad = pad_token_id(target.config.pad_token_id, stop_token_ids(target.generation_config))
     store = open_store(cfg, target) if cfg.mode == "offline" else None
