@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from datetime import timedelta
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 
 from baldeagle.config import FeaturesConfig, write_resolved
 from baldeagle.data.prepare import load_prepared
@@ -104,23 +105,16 @@ def extract(backbone, input_ids, attention_mask, draft_type: str, aux_layer_ids:
 # --------------------------------------------------------------------------------------------
 
 
-def _distributed() -> tuple[int, int, int, bool]:
-    """(rank, world, local rank, whether we created the process group) from torchrun's env."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    created = False
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo", timeout=timedelta(hours=24))
-        created = True
-    return rank, world, local, created
+def _processes() -> PartialState:
+    """The processes torchrun or `accelerate launch` started (one without a launcher), set up by
+    accelerate: gloo on CPUs, NCCL on GPUs. A long store may keep ranks apart for hours."""
+    return PartialState(timeout=timedelta(hours=24))
 
 
 def _rank0_decides(value, world: int):
     if world == 1:
         return value
-    box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
+    return broadcast_object_list([value], from_process=0)[0]
 
 
 def _gib(n: int) -> str:
@@ -278,21 +272,20 @@ def _target_record(cfg: FeaturesConfig, identity: dict, lm_head: torch.Tensor) -
 def _publish_manifest(cfg: FeaturesConfig, out: Path, header: dict, plans, rank: int, world: int) -> None:
     """After every rank's shards are published, rank 0 writes the resolved config and the manifest."""
     if world > 1:
-        torch.distributed.barrier()
+        PartialState().wait_for_everyone()
     if rank == 0:
         write_resolved(cfg, out)
         _write_manifest(out, header, plans)
     if world > 1:
-        torch.distributed.barrier()
+        PartialState().wait_for_everyone()
 
 
 def run_features(cfg: FeaturesConfig) -> dict:
     """`baldeagle features`: the target's features for every prepared row, as a resumable sharded store."""
     _check_settings(cfg)
     ensure_writable(cfg.out)
-    rank, world, local_rank, created = _distributed()
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{local_rank % torch.cuda.device_count()}" if cuda else "cpu")
+    state = _processes()
+    rank, world, device = state.process_index, state.num_processes, state.device
     try:
         # 1. The prepared rows, the target, and what a token stores.
         dataset, _ = load_prepared(cfg.data)
@@ -334,8 +327,8 @@ def run_features(cfg: FeaturesConfig) -> dict:
                     f"store {out} holds {count} rows, {_gib(summary['bytes'])}")
         return summary
     finally:
-        if created:
-            torch.distributed.destroy_process_group()
+        if world > 1:
+            state.destroy_process_group()
 
 
 def _header(cfg: FeaturesConfig, store_key, hidden, aux, fields, target, fingerprint, num_rows, count, truncated,
