@@ -414,6 +414,12 @@ def _suggestion(name: str, names: list[str]) -> str:
     return f"; valid keys: {', '.join(names)}" if len(names) <= 40 else "; `baldeagle STAGE --help` lists them"
 
 
+def _holds_as_is(annotation: Any, value: Any) -> bool:
+    kind = list if isinstance(value, list) else dict if isinstance(value, dict) else None
+    options = typing.get_args(annotation) or (annotation,)
+    return kind is not None and any(o is kind or typing.get_origin(o) is kind for o in options)
+
+
 def typed_value(cls: type, key: str, value: Any, source: str) -> Any:
     """One setting, typed by `cls`'s HfArgumentParser, or a ConfigError naming the key and source."""
     name = str(key).replace("-", "_")
@@ -422,6 +428,8 @@ def typed_value(cls: type, key: str, value: Any, source: str) -> Any:
         raise ConfigError(f"unknown key '{key}' in {source} for {cls.__name__}{_suggestion(name, field_names(cls))}")
     if value is None:
         return None
+    if _holds_as_is(typing.get_type_hints(cls)[name], value) and actions[name].nargs not in ("+", "*"):
+        return value  # a YAML list or mapping for a Trainer field typed `list | str` or `dict | str`
     words = _as_words(value, actions[name], name, source)
     if words is None:
         return []
