@@ -64,3 +64,32 @@ def pad_token_id(declared: int | None, stop_ids: tuple[int, ...] | list[int] = (
     if declared is not None:
         return int(declared)
     return int(stop_ids[0]) if stop_ids else 0
+
+
+class UnsupportedTargetError(ConfigError):
+    """A target whose attention BaldEagle's drafts and decoding do not implement."""
+
+
+def unsupported_attention(config) -> dict[str, list[int]]:
+    """{layer type: layer indices} of the target's layers that are not full attention, as
+    Transformers decides them from the config (`layer_types`, `sliding_window`): the cache it would
+    build for the target holds a plain layer only for full attention. {} for a full-attention target."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    layers = DynamicCache(config=config).layers
+    names = getattr(text_config(config), "layer_types", None) or [type(layer).__name__ for layer in layers]
+    found: dict[str, list[int]] = {}
+    for index, (name, layer) in enumerate(zip(names, layers)):
+        if type(layer) is not DynamicLayer:
+            found.setdefault(str(name), []).append(index)
+    return found
+
+
+def check_full_attention(config, who: str) -> None:
+    """Refuse, before any work, a target with sliding-window or linear-attention layers, naming them."""
+    found = unsupported_attention(config)
+    if found:
+        kinds = "; ".join(f"{name} in layers {layers}" for name, layers in found.items())
+        raise UnsupportedTargetError(
+            f"{who} has layers that are not full attention ({kinds}): BaldEagle's drafts and speculative "
+            "decoding support full-attention targets only")

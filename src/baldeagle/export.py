@@ -39,6 +39,7 @@ from baldeagle.export_check import (
     legacy_rope,
     to_engine_aux_ids,
 )
+from baldeagle.conventions import check_full_attention, text_config
 from baldeagle.export_load import recorded_target
 from baldeagle.io import atomic_dir, provenance
 from baldeagle.model.checkpoint import load_draft
@@ -220,7 +221,8 @@ def _target_shape(cfg: DraftConfig, target_config, target: str) -> tuple[int, in
     """(the target's layer count, its max_position_embeddings or None), checked against the draft."""
     if target_config is None:
         return cfg.target_num_layers, None
-    text = target_config.get_text_config() if hasattr(target_config, "get_text_config") else target_config
+    check_full_attention(target_config, f"the target {target}")
+    text = text_config(target_config)
     check_fits_target(cfg, text, f"the draft exported for {target}")
     return int(text.num_hidden_layers), int(text.max_position_embeddings)
 

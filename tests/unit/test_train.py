@@ -318,3 +318,35 @@ def test_time_budget_runs_on_the_clock_it_is_given():
     assert not budget.on_step_end(None, None, control).should_training_stop
     now[0] += 2.0
     assert budget.on_step_end(None, None, control).should_training_stop and control.should_save
+
+
+def test_a_target_with_sliding_window_layers_is_refused_by_train_export_and_eval(workspace, tmp_path):
+    """A Qwen2 target whose layers after the first use sliding-window attention: `train`, `export` and `eval`
+    each refuse it with a message naming the layer type and layers, before any work."""
+    from baldeagle.config import EvalConfig, ExportConfig
+    from baldeagle.conventions import unsupported_attention
+    from baldeagle.decode.bench import run_eval
+    from baldeagle.export import run_export
+
+    sliding = save_tiny_target(tmp_path / "sliding", "qwen2", use_sliding_window=True, sliding_window=8,
+                               max_window_layers=1)
+    message = r"sliding_attention in layers \[1, 2, 3, 4, 5\].*full-attention targets only"
+    with pytest.raises(ConfigError, match=message):
+        run_train(config(workspace, "sliding", model=str(sliding)))
+    assert not (workspace["root"] / "sliding").exists()
+    draft = workspace["root"] / "sliding-draft"
+    run_train(config(workspace, "sliding-draft", max_steps=1))
+    with pytest.raises(ConfigError, match=message):
+        run_export(ExportConfig(draft=str(draft / "final"), model=str(sliding), out=str(tmp_path / "export")))
+    assert not (tmp_path / "export").exists()
+    with pytest.raises(ConfigError, match=message):
+        run_eval(EvalConfig(model=str(sliding), draft=str(draft / "final"), out=str(tmp_path / "eval"), limit=1))
+    # full attention everywhere: nothing to refuse (Llama, and Qwen2 without its sliding window)
+    assert unsupported_attention(save_and_read(tmp_path, "llama")) == {}
+    assert unsupported_attention(save_and_read(tmp_path, "qwen2")) == {}
+
+
+def save_and_read(tmp_path, name):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(save_tiny_target(tmp_path / f"plain-{name}", name))

@@ -55,7 +55,8 @@ TINY_TARGETS = {
     "mistral": (
         MistralConfig,
         MistralForCausalLM,
-        dict(rms_norm_eps=1e-5, sliding_window=32, rope_parameters={"rope_type": "default", "rope_theta": 20000.0}),
+        # full attention, as Mistral v0.3 and later (v0.1's sliding window is refused: check_full_attention)
+        dict(rms_norm_eps=1e-5, sliding_window=None, rope_parameters={"rope_type": "default", "rope_theta": 20000.0}),
     ),
 }
 

@@ -41,7 +41,7 @@ from baldeagle.data.store_reader import (
 )
 from baldeagle.errors import BaldEagleError
 from baldeagle.io import atomic_write_text, ensure_writable, provenance
-from baldeagle.conventions import default_aux_layers, num_layers
+from baldeagle.conventions import check_full_attention, default_aux_layers, num_layers
 from baldeagle.targets import load_target, load_tokenizer, resolve_model
 
 logger = logging.getLogger(__name__)
@@ -291,6 +291,7 @@ def run_features(cfg: FeaturesConfig) -> dict:
         dataset, _ = load_prepared(cfg.data)
         all_lengths, fingerprint = scan_rows(dataset)
         model = load_target(cfg.model, DTYPE_NAMES[cfg.target_dtype], cfg.trust_remote_code).to(device)
+        check_full_attention(model.config, f"the target {cfg.model}")
         identity = target_identity(model.config)
         aux = _aux_layers(cfg, model.config)
         lm_head = load_lm_head(cfg.model, cfg.trust_remote_code)

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from baldeagle.config import EvalConfig, to_dict, write_resolved
-from baldeagle.conventions import pad_token_id, text_config, torch_dtype
+from baldeagle.conventions import check_full_attention, pad_token_id, text_config, torch_dtype
 from baldeagle.data.prompts import Prompt, conversation, load_prompt_set
 from baldeagle.decode.speculative import Generation, SpecSettings, plain_generate, speculative_generate
 from baldeagle.model.draft_config import check_fits_target
@@ -60,6 +60,7 @@ PROMPT_LOOKUP_TOKENS = 10  # Transformers' prompt_lookup_num_tokens (its documen
 
 def check_compatible(target, tokenizer, draft, model_name: str) -> list[str]:
     """Raise on a draft or tokenizer made for another target; return warnings for softer doubts."""
+    check_full_attention(target.config, model_name)
     cfg = draft.config
     text = text_config(target.config)
     where = f"the draft (made for {cfg.target_model or 'an unnamed target'})"
@@ -274,9 +275,12 @@ class Session:
 def _load(cfg: EvalConfig) -> Session:
     """Check the settings, load prompts, draft, tokenizer and target, and check they fit together."""
     from baldeagle.model.checkpoint import load_draft
-    from baldeagle.targets import load_target, load_tokenizer, stop_token_ids
+    from baldeagle.targets import load_target, load_tokenizer, stop_token_ids, target_config_or_none
 
     _settings(cfg)  # bad k / top_p / temperature fail here, before anything loads
+    target_config = target_config_or_none(cfg.model)  # None: a hub id offline (check_compatible checks later)
+    if target_config is not None:
+        check_full_attention(target_config, cfg.model)
     if cfg.timing_repeats < 1:
         raise ValueError(f"timing_repeats must be at least 1, got {cfg.timing_repeats}")
     dtype = torch_dtype(cfg.target_dtype)

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 from baldeagle.config import ScoreConfig, to_dict, write_resolved
-from baldeagle.conventions import torch_dtype
+from baldeagle.conventions import check_full_attention, torch_dtype
 from baldeagle.decode.yardstick import MAX_CHAIN, YardstickSettings, build_yardstick
 
 logger = logging.getLogger(__name__)
@@ -31,9 +31,12 @@ def run_score(cfg: ScoreConfig) -> dict:
     from baldeagle.decode.bench import check_compatible
     from baldeagle.io import atomic_write_json, provenance
     from baldeagle.model.checkpoint import load_draft
-    from baldeagle.targets import load_target, load_tokenizer
+    from baldeagle.targets import load_target, load_tokenizer, target_config_or_none
 
     check_settings(cfg)
+    target_config = target_config_or_none(cfg.model)  # the config alone, before any work
+    if target_config is not None:
+        check_full_attention(target_config, cfg.model)
     dtype = torch_dtype(cfg.target_dtype)
     draft = load_draft(cfg.draft, dtype=dtype).eval()
     target = load_target(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)

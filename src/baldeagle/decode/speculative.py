@@ -24,8 +24,9 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer
 
+from baldeagle.conventions import check_full_attention
 from baldeagle.decode.tree import Tree, accept_greedy, compact_target_cache, grow_tree
 from baldeagle.model.layers import DraftCache
 
@@ -107,10 +108,7 @@ class BufferLayer(DynamicLayer):
 
 def new_target_cache(target) -> Cache:
     """A cache for full-attention targets (sliding-window or linear-attention layers are refused)."""
-    kinds = {type(layer) for layer in DynamicCache(config=target.config).layers}
-    if kinds - {DynamicLayer}:
-        names = ", ".join(sorted(k.__name__ for k in kinds))
-        raise ValueError(f"speculative decoding supports full-attention targets only; this one has {names}")
+    check_full_attention(target.config, f"the target {getattr(target.config, '_name_or_path', '') or ''}".rstrip())
     return Cache(layers=[BufferLayer() for _ in range(target.config.get_text_config().num_hidden_layers)])
 
 

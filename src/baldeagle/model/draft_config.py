@@ -7,7 +7,8 @@ RMS eps, `max_position_embeddings` (an engine stops drafting past it), activatio
 bias. Choices the target's family makes that a draft does not copy:
 
 - Qwen3's q/k RMS norms: the draft has none (the EAGLE-3 layer engines serve is a Llama layer).
-- Mistral's sliding window: ignored; the draft attends to its whole (short) context.
+- Sliding-window or linear-attention layers (Mistral v0.1, Gemma 2/3, Qwen2 with its window on):
+  refused before any work by `conventions.check_full_attention` (train, features, eval, score, export).
 - `attention_bias` keeps Llama's meaning (q, k, v and o projections all biased), so an exported
   draft loads into the engines' Llama-based EAGLE models; a Qwen2 target (q/k/v bias) sets it.
 

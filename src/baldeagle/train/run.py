@@ -19,7 +19,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from baldeagle.config import ConfigError, TrainConfig, write_resolved
-from baldeagle.conventions import pad_token_id, text_config, torch_dtype
+from baldeagle.conventions import check_full_attention, pad_token_id, text_config, torch_dtype
 from baldeagle.data.features import OnlineFeatures
 from baldeagle.data.prepare import load_prepared
 from baldeagle.io import (atomic_dir, atomic_write_json, check_safetensors, check_torch_file, provenance, read_json,
@@ -64,8 +64,10 @@ def check_settings(cfg: TrainConfig) -> None:
             raise ConfigError("eval_prompts_new_tokens must be at least 2 and eval_prompts_limit at least 0")
 
 
-def check_draft_vocab(cfg: TrainConfig, target_config) -> None:
-    """An EAGLE-3 draft vocabulary larger than the target's is a mistake, not something to cap quietly."""
+def check_target_config(cfg: TrainConfig, target_config) -> None:
+    """What the target's config alone can refuse: attention the drafts do not implement, and an
+    EAGLE-3 draft vocabulary larger than the target's (a mistake, not something to cap quietly)."""
+    check_full_attention(target_config, f"the target {cfg.model}")
     vocab = int(text_config(target_config).vocab_size)
     if cfg.draft_type == "eagle3" and cfg.draft_vocab_size > vocab:
         raise ConfigError(f"draft_vocab_size={cfg.draft_vocab_size} is above the target's vocabulary of {vocab} "
@@ -211,11 +213,11 @@ def run_train(cfg: TrainConfig) -> dict:
     check_settings(cfg)
     target_config = target_config_or_none(cfg.model)  # the config alone, before any work (None: a hub id offline)
     if target_config is not None:
-        check_draft_vocab(cfg, target_config)
+        check_target_config(cfg, target_config)
     checkpoint = resume_checkpoint(cfg)
     dataset, stats = load_prepared(cfg.data)
     target = load_target(cfg.model, torch_dtype(cfg.target_dtype), cfg.trust_remote_code)
-    check_draft_vocab(cfg, target.config)
+    check_target_config(cfg, target.config)
     check_target_fits(dataset, stats, target, cfg.data)
     pad = pad_token_id(target.config.pad_token_id, stop_token_ids(target.generation_config))
     store = open_store(cfg, target) if cfg.mode == "offline" else None
