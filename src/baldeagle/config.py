@@ -147,6 +147,13 @@ class TrainConfig(TrainingArguments):
     eval_prompts_new_tokens: int = _help("answer tokens per eval_prompts prompt", min=2, default=256)
     eval_chain_k: int = _help("draft tokens per chain step when scoring eval_prompts", min=1, max=8, default=3)
     trust_remote_code: bool = trust_remote_code_field()
+    muon: bool = _help("Muon for the draft's 2-D hidden weight matrices (decoder layer, fc), the Trainer's "
+                       "AdamW (optim, weight_decay, adam_*) for the rest (lm_head, norms, biases)", default=False)
+    muon_lr_scale: float = _help("Muon's learning rate is learning_rate times this (its updates are scaled to "
+                                 "AdamW's RMS, so 1 is speculators' default); the scheduler scales both",
+                                 gt=0, default=1.0)
+    muon_weight_decay: float = _help("Muon's decoupled weight decay (speculators: 0.1)", min=0, default=0.1)
+    muon_momentum: float = _help("Muon's Nesterov momentum", min=0, lt=1, default=0.95)
 
     # Trainer fields with BaldEagle's defaults (same names and meaning as in TrainingArguments).
     learning_rate: float = _help("peak learning rate", gt=0, default=1e-4)

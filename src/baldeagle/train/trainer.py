@@ -5,8 +5,10 @@ and collects per-step metrics; `log` flushes them (loss_k, acc_k, τ_sim); `eval
 objective on held-out rows; `_save` writes a draft checkpoint (draft_config.json +
 model.safetensors) and `_save_checkpoint` makes the Trainer's checkpoint appear whole or not at all;
 `_get_num_items_in_batch` counts trained tokens, so each weighs the same across accumulation and
-processes; `_get_train_sampler` seeds the length-grouped order, so --resume replays it. Everything else (optimiser, scheduler, checkpoints, resume, DDP / FSDP /
-DeepSpeed through accelerate, reporters) is the Trainer's own.
+processes; `_get_train_sampler` seeds the length-grouped order, so --resume replays it;
+`create_optimizer` chains Muon beside the Trainer's AdamW when `muon` is set. Everything else
+(optimiser, scheduler, checkpoints, resume, DDP / FSDP / DeepSpeed through accelerate, reporters)
+is the Trainer's own.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from baldeagle.io import publish_dir
 from baldeagle.model.checkpoint import load_draft, save_draft
 from baldeagle.train.collate import SeededLengthGroupedSampler
 from baldeagle.train.losses import tau_sim
+from baldeagle.train.optim import ChainedOptimizer, goes_to_muon, make_muon
 from baldeagle.train.ttt import scored_positions
 
 logger = logging.getLogger(__name__)
@@ -59,6 +62,28 @@ class EagleTrainer(Trainer):
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
         return SeededLengthGroupedSampler(batch, dataset[column], seed)
+
+    # ---- optimiser: the Trainer's own, or Muon beside it (muon=true) ------------------------
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """With `args.muon`: Muon on the draft's hidden matrices (see `goes_to_muon`), the Trainer's
+        own optimizer (its `optim`, learning_rate, weight_decay, adam_*) on the rest, chained."""
+        if not getattr(self.args, "muon", False) or self.optimizer is not None:
+            return super().create_optimizer(model)
+        objective = self.accelerator.unwrap_model(self.model)
+        named = [(n, p) for n, p in objective.named_parameters() if p.requires_grad]
+        to_muon = {n for n, p in named if goes_to_muon(n.removeprefix("draft."), p)}
+        decay = set(self.get_decay_parameter_names(objective))
+        rest = [
+            {"params": [p for n, p in named if n not in to_muon and n in decay], "weight_decay": self.args.weight_decay},
+            {"params": [p for n, p in named if n not in to_muon and n not in decay], "weight_decay": 0.0},
+        ]
+        rest_cls, rest_kwargs = self.get_optimizer_cls_and_kwargs(self.args, objective)
+        muon = make_muon([(n, p) for n, p in named if n in to_muon], lr=self.args.learning_rate * self.args.muon_lr_scale,
+                         weight_decay=self.args.muon_weight_decay, momentum=self.args.muon_momentum)
+        self.optimizer = ChainedOptimizer([muon, rest_cls([g for g in rest if g["params"]], **rest_kwargs)])
+        logger.info("muon: %d matrices with Muon, %d parameters with %s", len(to_muon), len(named) - len(to_muon),
+                    rest_cls.__name__)
+        return self.optimizer
 
     # ---- loss and metrics ----------------------------------------------------------------
     def _get_num_items_in_batch(self, batch_samples: list, device) -> torch.Tensor | None:
