@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import functools
 import json
+import logging
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -464,8 +465,22 @@ def _apply(values: dict, updates: dict, cls: type, source: str) -> None:
     specs = {spec.name: spec for spec in dataclasses.fields(cls)}
     for key, value in updates.items():
         name = str(key).replace("-", "_")
+        if name == "training_args" and issubclass(cls, TrainingArguments):
+            _apply(values, _old_training_args(value, source), cls, f"{source}, training_args")
+            continue
         values[name] = typed_value(cls, key, value, source)
         check_bounds(values[name], specs[name], source)
+
+
+def _old_training_args(value: Any, source: str) -> dict:
+    """Configs written before TrainConfig held Trainer's fields put them under `training_args:`;
+    they still load, each key typed and checked like any other."""
+    mapping = _yaml(value, "training_args", source) if isinstance(value, str) else value
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"training_args (from {source}) must be a mapping of Trainer fields, got {value!r}")
+    logging.getLogger(__name__).warning("training_args (in %s) is no longer needed: write its keys (%s) at the "
+                                        "top level", source, ", ".join(map(str, mapping)))
+    return mapping
 
 
 def parse_overrides(items: list[str]) -> dict[str, str]:

@@ -264,3 +264,16 @@ def test_every_shipped_training_config_resolves(tmp_path):
         assert cfg.output_dir == cfg.out
         resolved = write_resolved(cfg, tmp_path / path.stem)
         assert load_config(TrainConfig, resolved) == cfg, path.name
+
+
+def test_an_old_training_args_mapping_still_loads_key_by_key(tmp_path, caplog):
+    """Configs from before TrainConfig held Trainer's fields: `training_args:` keys load as top-level
+    keys, typed and checked like them, with a warning; a wrong key in it is named."""
+    config = tmp_path / "old.yaml"
+    config.write_text("ttt_steps: 3\ntraining_args: {optim: sgd, adam_epsilon: 1.0e-6}\n")
+    _, cfg = parse_config(["train", "--config", str(config), "training_args={logging_first_step: true}"])
+    assert (cfg.ttt_steps, cfg.optim, cfg.adam_epsilon, cfg.logging_first_step) == (3, "sgd", 1e-6, True)
+    assert "training_args (in " in caplog.text and "no longer needed" in caplog.text
+    with pytest.raises(ConfigError, match=r"unknown key 'adam_epsilom' in .*old\.yaml, training_args"):
+        config.write_text("training_args: {adam_epsilom: 1.0e-6}\n")
+        parse_config(["train", "--config", str(config)])
