@@ -108,7 +108,8 @@ def extract(backbone, input_ids, attention_mask, draft_type: str, aux_layer_ids:
 def _processes() -> PartialState:
     """The processes torchrun or `accelerate launch` started (one without a launcher), set up by
     accelerate: gloo on CPUs, NCCL on GPUs. A long store may keep ranks apart for hours."""
-    return PartialState(timeout=timedelta(hours=24))
+    # cpu=True lets accelerate see a multi-process launch without GPUs (it then uses gloo)
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=24))
 
 
 def _rank0_decides(value, world: int):
