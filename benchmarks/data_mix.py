@@ -35,7 +35,7 @@ def main() -> None:
     from baldeagle.config import EvalConfig, PrepareConfig, RegenerateConfig, TrainConfig
     from baldeagle.data.prepare import run_prepare
     from baldeagle.data.regenerate import run_regenerate
-    from baldeagle.decode.bench import run_eval
+    from baldeagle.decode.evaluate import run_eval
     from baldeagle.train.run import run_train
 
     args = parse_args()

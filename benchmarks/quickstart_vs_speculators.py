@@ -256,7 +256,7 @@ EVAL_KEYS = ("acceptance_length", "per_position_acceptance", "tokens_per_second"
 
 
 def score_eval(args, qs: dict, drafts: dict, out: Path) -> dict:
-    from baldeagle.decode.bench import run_eval
+    from baldeagle.decode.evaluate import run_eval
 
     results = {}
     for mode in args.modes:

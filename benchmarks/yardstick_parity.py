@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from baldeagle.config import EvalConfig, ScoreConfig, TrainConfig, load_config
-from baldeagle.decode.bench import run_eval
+from baldeagle.decode.evaluate import run_eval
 from baldeagle.decode.score import run_score
 from baldeagle.quickstart import QUICKSTART_TRAIN
 from baldeagle.train.run import run_train

@@ -24,7 +24,7 @@ RUNNERS: dict[str, tuple[str, str]] = {
     "regenerate": ("baldeagle.data.regenerate:run_regenerate", "answer conversations' user turns with the target itself (resumable)"),
     "train": ("baldeagle.train.run:run_train", "train an EAGLE-1 or EAGLE-3 draft (online or offline features)"),
     "features": ("baldeagle.data.store:run_features", "store target features for offline training (sharded, resumable)"),
-    "eval": ("baldeagle.decode.bench:run_eval", "speculative decoding vs plain decoding: acceptance, speedup, exactness"),
+    "eval": ("baldeagle.decode.evaluate:run_eval", "speculative decoding vs plain decoding: acceptance, speedup, exactness"),
     "score": ("baldeagle.decode.score:run_score", "chain acceptance on the target's cached answers, teacher-forced (seconds)"),
     "export": ("baldeagle.export:run_export", "write a draft in the format SGLang / vLLM / speculators load, or --check a folder"),
     "serve-bench": ("baldeagle.serve:run_serve_bench", "serve target + draft in a real engine (vLLM): acceptance, speedup"),

@@ -101,7 +101,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     from baldeagle.data.prepare import run_prepare
     from baldeagle.data.regenerate import run_regenerate
     from baldeagle.data.view import run_view
-    from baldeagle.decode.bench import run_eval
+    from baldeagle.decode.evaluate import run_eval
     from baldeagle.decode.score import run_score
     from baldeagle.export import run_export
     from baldeagle.train.run import run_train

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from baldeagle.config import EvalConfig
-from baldeagle.decode.bench import run_eval
+from baldeagle.decode.evaluate import run_eval
 from baldeagle.model.checkpoint import save_draft
 from baldeagle.model.draft_config import draft_config_from_target
 from baldeagle.model.eagle3 import Eagle3Draft

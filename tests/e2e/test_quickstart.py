@@ -8,7 +8,7 @@ import torch
 
 from baldeagle.config import EvalConfig, QuickstartConfig, ScoreConfig
 from baldeagle.data.regenerate import read_done
-from baldeagle.decode.bench import run_eval
+from baldeagle.decode.evaluate import run_eval
 from baldeagle.decode.score import run_score
 from baldeagle.export_check import check_export
 from baldeagle.model.checkpoint import load_draft, save_draft

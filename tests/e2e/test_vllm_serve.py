@@ -145,7 +145,7 @@ def test_vllm_acceptance_agrees_with_baldeagle_eval(overfit_draft, served, tmp_p
       comes from the prefill); both count the last step before the answer is cut at 32 tokens.
     """
     from baldeagle.config import EvalConfig
-    from baldeagle.decode.bench import run_eval
+    from baldeagle.decode.evaluate import run_eval
 
     folder, _ = overfit_draft
     result, _ = served

@@ -325,7 +325,7 @@ def test_a_target_with_sliding_window_layers_is_refused_by_train_export_and_eval
     each refuse it with a message naming the layer type and layers, before any work."""
     from baldeagle.config import EvalConfig, ExportConfig
     from baldeagle.conventions import unsupported_attention
-    from baldeagle.decode.bench import run_eval
+    from baldeagle.decode.evaluate import run_eval
     from baldeagle.export import run_export
 
     sliding = save_tiny_target(tmp_path / "sliding", "qwen2", use_sliding_window=True, sliding_window=8,

@@ -28,7 +28,7 @@ def check_settings(cfg: ScoreConfig) -> None:
 
 
 def run_score(cfg: ScoreConfig) -> dict:
-    from baldeagle.decode.bench import check_compatible
+    from baldeagle.decode.evaluate import check_compatible
     from baldeagle.io import atomic_write_json, provenance
     from baldeagle.model.checkpoint import load_draft
     from baldeagle.targets import load_target, load_tokenizer, target_config_or_none

@@ -230,7 +230,7 @@ def metrics_for_log(result: dict, prefix: str) -> dict[str, float]:
 def render_prompts(tokenizer, name: str, limit: int, context: int, max_new_tokens: int):
     """First turns of a prompt set, rendered with the chat template → [(id, category, ids)], skipped."""
     from baldeagle.data.prompts import load_prompt_set
-    from baldeagle.decode.bench import render
+    from baldeagle.decode.evaluate import render
 
     if not tokenizer.chat_template:
         raise ValueError("the target's tokenizer has no chat template to render prompts with")

@@ -9,7 +9,7 @@ from tiny_chat import char_tokenizer
 from tiny_targets import tiny_draft, tiny_target
 
 from baldeagle.config import EvalConfig
-from baldeagle.decode.bench import (
+from baldeagle.decode.evaluate import (
     load_prompt_set,
     median_timings,
     prompt_lookup_generate,
@@ -178,7 +178,7 @@ def test_run_eval_with_three_timing_repeats(saved, tmp_path):
 
 
 def _table(result):
-    from baldeagle.decode.bench import format_table
+    from baldeagle.decode.evaluate import format_table
 
     return format_table(result)
 
