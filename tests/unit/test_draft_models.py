@@ -22,13 +22,13 @@ def test_draft_config_follows_target(family, draft_type):
     cfg = dc.draft_config_from_target(t, draft_type, draft_vocab_size=100)
     assert cfg.hidden_size == 64 and cfg.intermediate_size == 128
     assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (4, 2)
-    assert cfg.head_dim == (24 if family == "qwen3" else 16)
+    assert cfg.head_dim == (24 if family in ("qwen3", "qwen3_moe") else 16)
     assert cfg.rope_parameters == t.rope_parameters and cfg.rope_parameters["rope_theta"] != 10000.0
     if family == "qwen2":
         assert cfg.rope_parameters["rope_type"] == "linear" and cfg.rope_parameters["factor"] == 2.0
     assert cfg.rms_norm_eps == t.rms_norm_eps
     assert cfg.max_position_embeddings == 4096
-    assert cfg.attention_bias is (family == "qwen2")
+    assert cfg.attention_bias is (family in ("qwen2", "qwen2_moe"))
     assert cfg.vocab_size == 256 and cfg.target_num_layers == 6
     assert cfg.target_architecture == type(target).__name__
     if draft_type == "eagle3":

@@ -77,7 +77,7 @@ SHAPES = {
 }
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "qwen3_moe"])
 @pytest.mark.parametrize("draft_type", ["eagle3", "eagle1"])
 @pytest.mark.parametrize("mode", ["chain", "tree"])
 def test_greedy_equals_generate_with_random_drafts(family, draft_type, mode):

@@ -3,6 +3,11 @@
 Each has hidden 64, 4 heads, 2 KV heads, 6 layers and a 256-token vocabulary, a non-default
 RoPE theta, and one of them (Qwen2) linear RoPE scaling, so a draft config that silently falls
 back to defaults shows up in the tests.
+
+The mixture-of-experts targets (Qwen3-MoE, Qwen2-MoE) route each token to 2 of 4 experts whose
+width (`moe_intermediate_size` 32) differs from the dense width (`intermediate_size` 128, and
+Qwen2-MoE's shared expert 96), so a draft config that reads the wrong one shows up; their
+`decoder_sparse_step` and `mlp_only_layers` keep the real defaults (every layer sparse).
 """
 
 from __future__ import annotations
@@ -15,8 +20,12 @@ from transformers import (
     MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 COMMON = dict(
@@ -58,7 +67,20 @@ TINY_TARGETS = {
         # full attention, as Mistral v0.3 and later (v0.1's sliding window is refused: check_full_attention)
         dict(rms_norm_eps=1e-5, sliding_window=None, rope_parameters={"rope_type": "default", "rope_theta": 20000.0}),
     ),
+    "qwen3_moe": (
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+        dict(head_dim=24, rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+             num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+    ),
+    "qwen2_moe": (
+        Qwen2MoeConfig,
+        Qwen2MoeForCausalLM,
+        dict(rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+             num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=96),
+    ),
 }
+MOE_TARGETS = ("qwen3_moe", "qwen2_moe")
 
 
 def tiny_target(name: str = "llama", seed: int = 0, **overrides):

@@ -10,7 +10,17 @@ bias. Choices the target's family makes that a draft does not copy:
 - Sliding-window or linear-attention layers (Mistral v0.1, Gemma 2/3, Qwen2 with its window on):
   refused before any work by `conventions.check_full_attention` (train, features, eval, score, export).
 - `attention_bias` keeps Llama's meaning (q, k, v and o projections all biased), so an exported
-  draft loads into the engines' Llama-based EAGLE models; a Qwen2 target (q/k/v bias) sets it.
+  draft loads into the engines' Llama-based EAGLE models; a Qwen2 target (q/k/v bias) sets it,
+  and so does a Qwen2-MoE target unless its config turns `qkv_bias` off.
+- Mixture-of-experts layers (Qwen2/Qwen3-MoE, Mixtral, ...): the draft's layer is dense, and its
+  MLP width is the target's `intermediate_size`, the width the family gives a dense layer (Qwen3-MoE's
+  `mlp_only_layers`, Qwen2-MoE's shared expert, DeepSeek's first dense layers), not
+  `moe_intermediate_size`, the width of one expert (768 against 6144 in Qwen3-30B-A3B: an eighth
+  of the capacity a draft of the same hidden size gets from a dense target). vLLM's and SGLang's
+  EAGLE-3 Llama drafts build their MLP from the draft config's `intermediate_size`, so an export
+  carries this value. The router is not the draft's concern: features are the hidden states
+  entering the aux layers (`hidden_states[i]`), which a MoE target returns like a dense one, and
+  its router logits are never read (`baldeagle.data.features`).
 
 EAGLE 3.1 options (EAGLE-3 only, all off by default; the draft's own choices, not the target's):
 `norm_before_fc`, `fc_norm` and `feed_normed_hidden` (see `baldeagle.model.eagle3`). Each is one
@@ -93,9 +103,20 @@ def _dtype_name(text) -> str:
 
 
 def _attention_bias(text) -> bool:
+    if getattr(text, "qkv_bias", None) is not None:  # Qwen2-MoE says so in its config
+        return bool(text.qkv_bias)
     if getattr(text, "model_type", "") in QKV_BIAS_FAMILIES:
         return True
     return bool(getattr(text, "attention_bias", False))
+
+
+def dense_intermediate_size(text) -> int:
+    """The draft MLP's width: the target's dense `intermediate_size` (MoE targets too; see the module notes)."""
+    size = getattr(text, "intermediate_size", None)
+    if size is None:
+        raise ValueError(f"the target's config ({getattr(text, 'model_type', 'unknown')}) has no intermediate_size "
+                         "to size the draft's MLP with")
+    return int(size)
 
 
 def check_aux_layer_ids(aux_layer_ids: list[int], num_layers: int, draft_type: str) -> list[int]:
@@ -133,7 +154,7 @@ def draft_config_from_target(
     return DraftConfig(
         draft_type=draft_type,
         hidden_size=int(text.hidden_size),
-        intermediate_size=int(text.intermediate_size),
+        intermediate_size=dense_intermediate_size(text),
         num_attention_heads=int(text.num_attention_heads),
         num_key_value_heads=int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads),
         head_dim=int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads),
