@@ -86,7 +86,8 @@ class PrepareConfig:
     )
     out: str = _help("output folder (datasets.save_to_disk)", default="runs/prepared")
     split: str = _help("dataset split for hub datasets (presets choose their own)", default="")
-    max_length: int = _help("truncate rows to this many tokens", min=0, default=2048)
+    max_length: int = _help("truncate rows to this many tokens (counted; a row with no trained token left is "
+                            "skipped as too_long); 0 = no limit", min=0, default=2048)
     limit: int = _help("keep at most this many rows (0 = all)", min=0, default=0)
     shuffle: bool = _help("shuffle rows before --limit", default=False)
     seed: int = _help("random seed for --shuffle", min=0, default=0)
@@ -136,7 +137,8 @@ class TrainConfig(TrainingArguments):
     mode: str = _help("online (the target runs in the loop) or offline (read --features)", default="online")
     features: str = _help("offline feature store folder (baldeagle features)", default="")
     eval_fraction: float = _help("share of prepared rows held out for evaluation", min=0, lt=1, default=0.05)
-    max_length: int = _help("truncate training rows to this many tokens", min=1, default=2048)
+    max_length: int = _help("truncate training rows to this many tokens (counted; rows with no trained token "
+                            "left are skipped)", min=1, default=2048)
     feature_noise: float = _help("EAGLE-1 uniform noise on input features (scaled by 512/len)", min=0, default=0.2)
     target_dtype: str = target_dtype_field()
     max_minutes: float = _help("stop (and save) after this much training time (0 = no limit)", min=0, default=0.0)

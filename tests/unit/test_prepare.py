@@ -144,6 +144,28 @@ def test_max_length_keeps_whole_turns_up_to_the_limit(tmp_path, model):
         "Hello!<|im_end|>", "See y"]
 
 
+def test_rows_longer_than_max_length_are_truncated_or_skipped_and_counted(tmp_path, model, capsys):
+    """A row that fits exactly is untouched, longer rows are cut and counted in rows_truncated, and a
+    row whose first assistant token lies past max_length is skipped as too_long."""
+    rows = [
+        [user("Hi"), assistant("Hello")],                                         # fits exactly
+        [user("Hi"), assistant("Hello there, friend")],                           # cut in its answer
+        [user("Hi"), assistant("Hello"), user("More?"), assistant("Sure thing")],  # cut before turn 2
+        [user("x" * 300), assistant("late")],                                     # too_long
+    ]
+    full = run_prepare(config(tmp_path, model, rows=rows, max_length=0))
+    assert full["rows_truncated"] == 0 and full["rows_kept"] == 4
+    lengths = [len(r) for r in load_prepared(tmp_path / "out")[0]["input_ids"]]
+    limit = lengths[0]
+    assert lengths[1] > limit and lengths[2] > limit and lengths[3] > limit
+    stats = run_prepare(config(tmp_path, model, rows=rows, max_length=limit, overwrite=True))
+    assert stats["rows_kept"] == 3 and stats["rows_truncated"] == 2 and stats["skipped"]["too_long"] == 1
+    assert stats["tokens"] == 3 * limit
+    assert json.loads((tmp_path / "out" / "stats.json").read_text())["rows_truncated"] == 2
+    out = capsys.readouterr().out
+    assert f"2 kept row(s) truncated to max_length={limit} tokens" in out and "too_long 1" in out
+
+
 def test_nothing_kept_is_an_error(tmp_path, model):
     with pytest.raises(PrepareError, match="no row could be prepared out of 2.*regenerate"):
         run_prepare(config(tmp_path, model, rows=[[user("a")], [user("b")]]))
@@ -173,7 +195,7 @@ def test_parallel_tokenising_matches_one_process(tmp_path, model):
     rows = [[user(f"Question {k}"), assistant(f"Answer {k}")] for k in range(1200)] + [[user("alone")]]
     one = run_prepare(config(tmp_path, model, rows=rows, num_proc=1))
     two = run_prepare(config(tmp_path, model, rows=rows, num_proc=2, overwrite=True))
-    for key in ("rows_in", "rows_kept", "tokens", "trained_tokens", "skipped"):
+    for key in ("rows_in", "rows_kept", "rows_truncated", "tokens", "trained_tokens", "skipped"):
         assert one[key] == two[key]
     assert two["rows_kept"] == 1200 and two["skipped"]["no_assistant_turn"] == 1
 

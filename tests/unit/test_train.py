@@ -160,6 +160,27 @@ def test_offline_store_must_cover_max_length(workspace):
         run_train(config(workspace, "offline-short", mode="offline", features=str(store)))
 
 
+def test_rows_longer_than_max_length_are_truncated_or_skipped_and_counted(workspace):
+    """The prepared rows are 48, 44, 40 and 36 tokens (6 each) trained from token 24, 22, 20, 18:
+    at max_length=23 the 48-token rows have no trained token left and are skipped, the others are
+    cut to 23 tokens; both are counted in metrics.json, and an epoch has only the kept rows' steps."""
+    out = workspace["root"] / "long-rows"
+    run_train(config(workspace, "long-rows", max_length=23, max_steps=-1, num_train_epochs=1, eval_fraction=0.0))
+    data = json.loads((out / "final" / "metrics.json").read_text())["data"]
+    assert data == {"rows": 18, "rows_truncated": 18, "rows_skipped_too_long": 6, "max_length": 23}
+    assert max(losses(out)) == 5  # ceil(18 rows / batch 4) steps, not ceil(24 / 4)
+    full = json.loads(run_and_read(workspace, "short-rows", max_length=64))["data"]
+    assert full == {"rows": 24, "rows_truncated": 0, "rows_skipped_too_long": 0, "max_length": 64}
+    with pytest.raises(ValueError, match=r"no row has a trained token within its first max_length=18 tokens"):
+        run_train(config(workspace, "no-rows", max_length=18))
+    assert not (workspace["root"] / "no-rows" / "final").exists()
+
+
+def run_and_read(workspace, out, **changes) -> str:
+    run_train(config(workspace, out, max_steps=1, eval_fraction=0.0, **changes))
+    return (workspace["root"] / out / "final" / "metrics.json").read_text()
+
+
 def final_weights(out_dir) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

@@ -9,7 +9,8 @@ Output folder (written atomically; it appears only when complete):
 
 Rows that cannot be trained are skipped and counted by reason (see `REASONS`); with `strict`
 the first one stops the run with an error naming the row. Rows longer than `max_length` tokens
-are truncated, keeping every turn that fits; a row with no trained token left is `too_long`.
+are truncated to their first `max_length` tokens (a turn cut in the middle keeps its first part)
+and counted (`rows_truncated`); a row with no trained token left is skipped as `too_long`.
 `load_prepared` is how later stages (the trainer) read the result back.
 """
 
@@ -39,6 +40,7 @@ OUTPUT_FEATURES = datasets.Features(
         "input_ids": datasets.List(datasets.Value("int32")),
         "loss_mask": datasets.List(datasets.Value("int8")),
         "skip": datasets.Value("string"),
+        "truncated": datasets.Value("bool"),
     }
 )
 SMALL_DATASET = 1000  # rows below which one process is faster than starting several
@@ -67,18 +69,18 @@ def check_conversation(messages: list[dict]) -> tuple[str, str] | None:
     return None
 
 
-def encode_row(messages: list[dict], tokenizer, max_length: int) -> tuple[list[int], list[int], str, str]:
-    """(input_ids, loss_mask, skip reason or "", detail) for one canonical conversation."""
+def encode_row(messages: list[dict], tokenizer, max_length: int) -> tuple[list[int], list[int], str, str, bool]:
+    """(input_ids, loss_mask, skip reason or "", detail, truncated) for one canonical conversation."""
     problem = check_conversation(messages)
     if problem:
-        return [], [], *problem
+        return [], [], *problem, False
     try:
-        ids, mask = template.tokenize_with_mask(tokenizer, messages, max_length)
+        ids, mask, total = template.tokenize_row(tokenizer, messages, max_length)
     except template.TemplateError as error:
-        return [], [], "template_error", str(error)
+        return [], [], "template_error", str(error), False
     if not any(mask):
-        return [], [], "too_long", f"no assistant token within the first {max_length} tokens"
-    return ids, mask, "", ""
+        return [], [], "too_long", f"no assistant token within the first {max_length} of its {total} tokens", False
+    return ids, mask, "", "", total > len(ids)
 
 
 def _encoder(tokenizer, max_length: int, strict: bool):
@@ -86,12 +88,12 @@ def _encoder(tokenizer, max_length: int, strict: bool):
 
     def encode(row: dict, index: int) -> dict:
         if row.get("skip"):  # the source could not read this row (a malformed line): "reason: detail"
-            ids, mask, (reason, _, detail) = [], [], row["skip"].partition(": ")
+            ids, mask, (reason, _, detail), truncated = [], [], row["skip"].partition(": "), False
         else:
-            ids, mask, reason, detail = encode_row(row["messages"], tokenizer, max_length)
+            ids, mask, reason, detail, truncated = encode_row(row["messages"], tokenizer, max_length)
         if reason and strict:  # name the row as the source numbers it, when it says
             raise PrepareError(f"row {row.get('row', index)}: {reason}: {detail}")
-        return {"input_ids": ids, "loss_mask": mask, "skip": reason}
+        return {"input_ids": ids, "loss_mask": mask, "skip": reason, "truncated": truncated}
 
     return encode
 
@@ -105,7 +107,7 @@ def worker_count(requested: int, rows: int) -> int:
 
 
 def tokenise(conversations: datasets.Dataset, tokenizer, max_length: int, strict: bool, num_proc: int):
-    """(kept rows with input_ids and loss_mask, {reason: count} over all REASONS)."""
+    """(kept rows with input_ids and loss_mask, {reason: count} over all REASONS, kept rows truncated)."""
     procs = worker_count(num_proc, len(conversations))
     encoded = conversations.map(
         _encoder(tokenizer, max_length, strict), with_indices=True, remove_columns=conversations.column_names,
@@ -115,7 +117,8 @@ def tokenise(conversations: datasets.Dataset, tokenizer, max_length: int, strict
     counts = Counter(encoded["skip"])
     skipped = {reason: counts.get(reason, 0) for reason in REASONS}
     kept = encoded.filter(lambda skips: [s == "" for s in skips], input_columns="skip", batched=True)
-    return kept.remove_columns("skip").flatten_indices(), skipped
+    truncated = int(pc.sum(kept.with_format("arrow")["truncated"]).as_py() or 0)
+    return kept.remove_columns(["skip", "truncated"]).flatten_indices(), skipped, truncated
 
 
 def totals(dataset: datasets.Dataset) -> tuple[int, int]:
@@ -126,13 +129,14 @@ def totals(dataset: datasets.Dataset) -> tuple[int, int]:
     return int(tokens), int(trained)
 
 
-def build_stats(cfg, tokenizer, rows_in: int, kept: datasets.Dataset, skipped: dict) -> dict:
+def build_stats(cfg, tokenizer, rows_in: int, kept: datasets.Dataset, skipped: dict, truncated: int) -> dict:
     """The stats.json contents."""
     tokens, trained = totals(kept)
     chat_template = tokenizer.chat_template
     return {
         "rows_in": rows_in,
         "rows_kept": len(kept),
+        "rows_truncated": truncated,  # kept rows cut to max_length (counted among rows_kept)
         "tokens": tokens,
         "trained_tokens": trained,
         "skipped": skipped,
@@ -161,6 +165,8 @@ def summary(stats: dict, out: str) -> str:
         f"prepared {stats['rows_kept']} of {stats['rows_in']} rows: {stats['tokens']:,} tokens, "
         f"{stats['trained_tokens']:,} trained → {out}"
     )
+    if stats["rows_truncated"]:
+        line += f"\n{stats['rows_truncated']} kept row(s) truncated to max_length={stats['max_length']} tokens"
     skips = ", ".join(f"{r} {n}" for r, n in stats["skipped"].items() if n)
     return line + (f"\nskipped: {skips}" if skips else "")
 
@@ -177,10 +183,10 @@ def run_prepare(cfg) -> dict:
     conversations = sources.load_conversations(
         cfg.dataset, cfg.split, cfg.limit, cfg.shuffle, cfg.seed, cfg.system_prompt
     )
-    kept, skipped = tokenise(conversations, tokenizer, cfg.max_length, cfg.strict, cfg.num_proc)
+    kept, skipped, truncated = tokenise(conversations, tokenizer, cfg.max_length, cfg.strict, cfg.num_proc)
     if len(kept) == 0:
         raise _nothing_kept(len(conversations), skipped)
-    stats = build_stats(cfg, tokenizer, len(conversations), kept, skipped)
+    stats = build_stats(cfg, tokenizer, len(conversations), kept, skipped, truncated)
     with atomic_dir(cfg.out, overwrite=cfg.overwrite) as tmp:
         kept.save_to_disk(str(tmp))
         atomic_write_json(tmp / "stats.json", stats)

@@ -146,10 +146,17 @@ def tokenize_with_mask(tokenizer, messages: list[dict], max_length: int = 0) -> 
     With `max_length`, both are truncated to that many tokens; the mask may then be all zeros
     (no assistant token fits), which the caller reports as too long.
     """
+    ids, mask, _ = tokenize_row(tokenizer, messages, max_length)
+    return ids, mask
+
+
+def tokenize_row(tokenizer, messages: list[dict], max_length: int = 0) -> tuple[list[int], list[int], int]:
+    """`tokenize_with_mask`, and how many tokens the rendered conversation has before truncation."""
     full = render(tokenizer, messages)
     encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
-    truncated = bool(max_length) and len(ids) > max_length
+    total = len(ids)
+    truncated = bool(max_length) and total > max_length
     if truncated:
         ids, offsets = ids[:max_length], offsets[:max_length]
     _, spans = assistant_spans(tokenizer, messages, full, offsets[-1][1] if truncated else None)
@@ -163,4 +170,4 @@ def tokenize_with_mask(tokenizer, messages: list[dict], max_length: int = 0) -> 
             mask[k] = 1
     if not truncated and not any(mask):
         raise TemplateError("no token of the rendered text falls inside an assistant turn")
-    return ids, mask
+    return ids, mask, total

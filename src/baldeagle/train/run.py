@@ -117,12 +117,41 @@ def check_checkpoint_files(folder: Path) -> None:
         check_torch_file(path)
 
 
-def split_rows(dataset, cfg: TrainConfig, stored_rows: list[int] | None = None):
-    """Tag rows with their prepared-data index, keep those in the store (offline), hold out eval rows."""
+def trained_within(dataset, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens per row, trained tokens among each row's first `max_length`), computed in Arrow."""
+    import pyarrow.compute as pc
+
+    masks = dataset.with_format("arrow")["loss_mask"]
+    lengths = pc.list_value_length(masks).to_numpy(zero_copy_only=False).astype(np.int64)
+    head = pc.list_slice(masks, 0, max_length)
+    values = pc.list_flatten(head).to_numpy(zero_copy_only=False).astype(np.int64)
+    parents = pc.list_parent_indices(head).to_numpy(zero_copy_only=False)
+    return lengths, np.bincount(parents, weights=values, minlength=len(lengths)).astype(np.int64)
+
+
+def trainable_rows(dataset, cfg: TrainConfig, stored_rows: list[int] | None = None):
+    """Tag rows with their prepared-data index and keep those in the store (offline). Rows longer
+    than max_length are cut to it by the collator; those left with no trained token are dropped.
+    Returns (rows, counts) with counts = {rows, rows_truncated, rows_skipped_too_long, max_length}."""
     dataset = dataset.add_column("row_index", np.arange(len(dataset), dtype=np.int64))
     if stored_rows is not None:
         dataset = dataset.select(sorted(stored_rows))
-    dataset = add_length_column(dataset)
+    lengths, trained = trained_within(dataset, cfg.max_length)
+    keep = trained > 0
+    counts = {"rows": int(keep.sum()), "rows_truncated": int((keep & (lengths > cfg.max_length)).sum()),
+              "rows_skipped_too_long": int((~keep).sum()), "max_length": cfg.max_length}
+    if not keep.any():
+        raise ValueError(f"{cfg.data}: no row has a trained token within its first max_length={cfg.max_length} tokens")
+    if counts["rows_truncated"] or counts["rows_skipped_too_long"]:
+        logger.warning("max_length=%d: %d row(s) truncated, %d skipped (no trained token within it), %d kept",
+                       cfg.max_length, counts["rows_truncated"], counts["rows_skipped_too_long"], counts["rows"])
+    if not keep.all():
+        dataset = dataset.select(np.flatnonzero(keep))
+    return add_length_column(dataset), counts
+
+
+def split_rows(dataset, cfg: TrainConfig):
+    """Hold out eval rows (`eval_fraction` of them)."""
     if cfg.eval_fraction <= 0 or len(dataset) < 2:
         return dataset, None
     parts = dataset.train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed)
@@ -221,7 +250,8 @@ def run_train(cfg: TrainConfig) -> dict:
     check_target_fits(dataset, stats, target, cfg.data)
     pad = pad_token_id(target.config.pad_token_id, stop_token_ids(target.generation_config))
     store = open_store(cfg, target) if cfg.mode == "offline" else None
-    train_rows, eval_rows = split_rows(dataset, cfg, store.row_indices if store else None)
+    dataset, row_counts = trainable_rows(dataset, cfg, store.row_indices if store else None)
+    train_rows, eval_rows = split_rows(dataset, cfg)
     set_seed(cfg.seed)  # the draft's initial weights are the same in every process and every run
     draft = build_draft(cfg, target, train_rows, checkpoint)
     yardstick = make_yardstick(cfg, target, draft)
@@ -256,7 +286,7 @@ def run_train(cfg: TrainConfig) -> dict:
             save_draft(draft, tmp)
             write_resolved(cfg, tmp)
             atomic_write_json(tmp / "metrics.json", {"eval": metrics, "eval_before_training": before,
-                                                    "log_history": trainer.state.log_history,
+                                                    "data": row_counts, "log_history": trainer.state.log_history,
                                                     "provenance": provenance()})
         logger.info("draft written to %s", Path(cfg.out) / "final")
     return metrics
