@@ -87,6 +87,8 @@ class DraftCache:
         """Append the new k/v, then attend from q [B, Hq, T, D] to cache + new → [B, Hq, T, D]."""
         past = len(self)
         k_all, v_all = self.append(k, v)
+        if past == 0 and attention_mask is None:  # a prefill: plain causal, no [T, T] mask built (long prompts)
+            return sdpa_attention(q, k_all, v_all, None)
         return sdpa_attention(q, k_all, v_all, build_mask(attention_mask, q.shape[2], past, q.device))
 
 
