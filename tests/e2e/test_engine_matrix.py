@@ -340,8 +340,9 @@ def test_vllm_reads_the_exports(matrix, family):
     """vLLM's own config classes read each export as BaldEagle means it (no engine start), and the
     family's target class implements vLLM's EAGLE-1 and EAGLE-3 interfaces: the contract the served
     cases rely on, and the whole check for a case the CPU engine cannot run."""
-    from baldeagle.model.checkpoint import load_draft
     from transformers import AutoConfig
+
+    from baldeagle.model.checkpoint import load_draft
 
     folders = {"speculators": matrix.export(family, "eagle3", "speculators"),
                "vllm": matrix.export(family, "eagle3", "vllm"), "eagle1": matrix.export(family, "eagle1", "vllm")}
