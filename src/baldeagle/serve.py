@@ -129,6 +129,29 @@ def summarise(base: dict, spec: dict, k: int) -> dict:
     }
 
 
+def baseline_run(cfg: ServeBenchConfig, python: Path, request: dict, workdir: Path) -> dict:
+    """The engine without speculation: run it, or reuse the one in `cfg.baseline` (an earlier serve-bench
+    folder) when it answered the very same request; it is the same greedy run, so several drafts for one
+    target are compared against one engine start. Its files are copied into `workdir`."""
+    plain = {**request, "speculative_config": None}
+    if not cfg.baseline:
+        return run_engine(python, plain, workdir, "baseline", cfg.timeout)
+    folder = Path(cfg.baseline)
+    paths = [folder / f"baseline.{ext}" for ext in ("request.json", "result.json")]
+    missing = [str(path) for path in paths if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"no baseline run to reuse: {', '.join(missing)} missing (a serve-bench output folder?)")
+    earlier = json.loads(paths[0].read_text())
+    wanted = json.loads(json.dumps(plain))  # as it would be written
+    differ = sorted(key for key in set(earlier) | set(wanted) if earlier.get(key) != wanted.get(key))
+    if differ:
+        raise ValueError(f"the baseline in {folder} answered another request (it differs in {', '.join(differ)}): "
+                         "run serve-bench without --baseline")
+    for path in paths:
+        (workdir / path.name).write_text(path.read_text())
+    return json.loads(paths[1].read_text())
+
+
 def run_serve_bench(cfg: ServeBenchConfig) -> dict:
     if cfg.engine != "vllm":
         raise ValueError(f"engine {cfg.engine!r} is not supported here: serve-bench runs vllm (SGLang has no CPU "
@@ -145,7 +168,7 @@ def run_serve_bench(cfg: ServeBenchConfig) -> dict:
         request = {"model": resolve_model(cfg.model), "conversations": conversations, "max_new_tokens": cfg.max_new_tokens,
                    "dtype": cfg.dtype, "max_model_len": cfg.max_model_len, "kv_cache_gib": cfg.kv_cache_gib,
                    "enforce_eager": cfg.enforce_eager, "seed": 0}
-        base = run_engine(python, {**request, "speculative_config": None}, workdir, "baseline", cfg.timeout)
+        base = baseline_run(cfg, python, request, workdir)
         speculative_config = {"method": method, "model": str(folder), "num_speculative_tokens": cfg.num_speculative_tokens}
         spec = run_engine(python, {**request, "speculative_config": speculative_config}, workdir, "speculative",
                           cfg.timeout)

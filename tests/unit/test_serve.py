@@ -149,3 +149,26 @@ def test_serve_bench_refuses_a_broken_export(tiny_setup):
     with pytest.raises(ValueError, match="not servable(.|\n)*max_position_embeddings is 16"):
         run_serve_bench(ServeBenchConfig(model=str(tmp_path / "target"), draft=str(folder), out=str(tmp_path / "b"),
                                          prompts=str(tmp_path / "prompts.jsonl"), python=sys.executable))
+
+
+def test_serve_bench_reuses_a_baseline_run_only_for_the_same_request(tiny_setup, monkeypatch):
+    """--baseline DIR: the engine without speculation is not started again; a run for other prompts
+    or settings is refused, naming what differs."""
+    tmp_path, _, _ = tiny_setup
+    base = dict(model=str(tmp_path / "target"), draft=str(tmp_path / "draft"), prompts=str(tmp_path / "prompts.jsonl"),
+                first_turn_only=False, python=sys.executable)
+    first = run_serve_bench(ServeBenchConfig(out=str(tmp_path / "first"), **base))
+    started = []
+    real_run_engine = serve.run_engine
+    monkeypatch.setattr(serve, "run_engine", lambda python, request, workdir, name, timeout: started.append(name) or
+                        real_run_engine(python, request, workdir, name, timeout))
+    again = run_serve_bench(ServeBenchConfig(out=str(tmp_path / "again"), baseline=str(tmp_path / "first"), **base))
+    assert started == ["speculative"]  # the baseline came from the first run
+    assert again["outputs_match_baseline"] is True and again["baseline_tokens_per_second"] == first["baseline_tokens_per_second"]
+    assert (tmp_path / "again" / "baseline.result.json").read_text() == (tmp_path / "first" / "baseline.result.json").read_text()
+    with pytest.raises(ValueError, match="answered another request.*max_new_tokens"):
+        run_serve_bench(ServeBenchConfig(out=str(tmp_path / "other"), baseline=str(tmp_path / "first"),
+                                         max_new_tokens=7, **base))
+    with pytest.raises(FileNotFoundError, match="no baseline run to reuse"):
+        run_serve_bench(ServeBenchConfig(out=str(tmp_path / "none"), baseline=str(tmp_path / "draft"), **base))
+    assert not (tmp_path / "other").exists() and not (tmp_path / "none").exists()
