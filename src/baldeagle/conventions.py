@@ -33,8 +33,17 @@ def num_layers(config) -> int:
 
 
 def default_aux_layers(layers: int) -> list[int]:
-    """EAGLE-3 feature layers: the inputs of layers 2, L//2 and L-3 (`hidden_states[i]`)."""
-    return [2, layers // 2, layers - 3]
+    """EAGLE-3 feature layers: the inputs of layers 2, L//2 and L-3 (`hidden_states[i]`).
+
+    Below 7 layers those repeat a layer (L = 6: [2, 3, 3]), which engines cannot capture (each
+    layer is captured once), so a shallow target takes 1, L//2 and L-1 instead (L = 6: [1, 3, 5]);
+    a target of fewer than 4 layers has no three distinct inner layers to offer."""
+    if layers >= 7:
+        return [2, layers // 2, layers - 3]
+    if layers >= 4:
+        return [1, layers // 2, layers - 1]
+    raise ValueError(f"an EAGLE-3 draft fuses three distinct inner layers of the target; a target of {layers} "
+                     "layers has too few (set aux_layer_ids, or use an EAGLE-1 draft)")
 
 
 def rope_parameters(config) -> dict:

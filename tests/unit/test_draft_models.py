@@ -32,7 +32,7 @@ def test_draft_config_follows_target(family, draft_type):
     assert cfg.vocab_size == 256 and cfg.target_num_layers == 6
     assert cfg.target_architecture == type(target).__name__
     if draft_type == "eagle3":
-        assert cfg.draft_vocab_size == 100 and cfg.aux_layer_ids == [2, 3, 3]
+        assert cfg.draft_vocab_size == 100 and cfg.aux_layer_ids == [1, 3, 5]
     else:
         assert cfg.draft_vocab_size == 256 and cfg.aux_layer_ids == [6]
     llama = dc.to_llama_config(cfg)

@@ -20,7 +20,7 @@ from baldeagle.model.eagle1 import Eagle1Draft
 from baldeagle.model.eagle3 import Eagle3Draft
 from baldeagle.model.vocab import build_draft_vocab
 
-AUX = [1, 3, 4]  # the tiny targets have 6 layers: the default [2, 3, 3] repeats a layer
+AUX = [1, 3, 4]  # not the default of the tiny 6-layer targets ([1, 3, 5]), to catch a silent default
 LAYER = ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
          "post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
 

@@ -55,6 +55,11 @@ def test_resolve_model(tmp_path):
 def test_default_aux_layers():
     assert default_aux_layers(30) == [2, 15, 27]
     assert default_aux_layers(32) == [2, 16, 29]
+    assert default_aux_layers(7) == [2, 3, 4]
+    # shallow targets: three distinct inner layers, in order (the deep rule would repeat one)
+    assert [default_aux_layers(n) for n in (4, 5, 6)] == [[1, 2, 3], [1, 2, 4], [1, 3, 5]]
+    with pytest.raises(ValueError, match="3 layers has too few"):
+        default_aux_layers(3)
 
 
 def test_ensure_writable_names_the_path_and_why(tmp_path):
