@@ -216,7 +216,11 @@ class EvalConfig:
     out: str = _help("output folder: eval.json, acceptance.png", default="runs/eval")
     prompts: str = prompts_field()
     mode: str = _help("chain or tree (EAGLE-2 dynamic tree)", default="tree")
-    num_draft_tokens: int = _help("chain: tokens drafted per step", min=1, default=4)
+    num_draft_tokens: int = _help("chain: tokens drafted per step (with choose_k_from: the most)", min=1, default=4)
+    choose_k_from: str = _help(
+        "chain: a `baldeagle score` result (score.json) of this draft; k becomes the one in 1..num_draft_tokens "
+        "with the best speedup predicted from its per-position acceptance and the step costs measured here "
+        "before decoding (baldeagle.decode.cost)", default="")
     tree_depth: int = _help("tree: draft depth", min=1, default=5)
     tree_topk: int = _help("tree: children expanded per node", min=1, default=4)
     tree_total_tokens: int = _help("tree: nodes verified per step (root included)", min=2, default=24)
