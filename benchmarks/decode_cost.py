@@ -65,7 +65,7 @@ def main() -> None:
     costs = measure_costs(target, draft, context_ids(args.model, args.context), args.max_k, args.repeats,
                           args.warmup, unmasked=True)
     acceptance = json.loads(Path(args.score).read_text())["per_position_acceptance"] if args.score else []
-    rows = predict(costs, acceptance, min(args.max_k, len(acceptance) or args.max_k))
+    rows = predict_chain(costs, acceptance, min(args.max_k, len(acceptance) or args.max_k))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"settings": vars(args), "packed": not args.no_pack, "threads": torch.get_num_threads(),
                                           "seconds": costs, "chain": rows}, indent=2) + "\n")

@@ -329,17 +329,19 @@ def read_score_acceptance(cfg: EvalConfig) -> list[float]:
 def choose_chain_k(session: Session) -> None:
     """Measure a chain step's parts on the first prompt, predict each k's speedup from the score's
     acceptance, and decode with the best k (at most num_draft_tokens and the score's own k)."""
-    from baldeagle.decode.cost import best_chain_k, measure_costs, predict_chain
+    from baldeagle.decode.cost import apply_choice, best_chain_k, measure_costs, predict_chain
 
     max_k = min(session.cfg.num_draft_tokens, len(session.acceptance))
     ids = render(session.tokenizer, session.prompts[0], [], 0)
     costs = measure_costs(session.target, session.draft, ids, max_k)
     rows = predict_chain(costs, session.acceptance, max_k)
     k = best_chain_k(rows)
+    apply_choice(session.target, rows[k - 1])
     session.settings = dataclasses.replace(session.settings, num_draft_tokens=k)
     session.k_choice = {"score": session.cfg.choose_k_from, "chosen_k": k, "costs_seconds": costs,
                         "context_tokens": ids.shape[1], "predicted": rows}
-    logger.info("chain k = %d: predicted speedup %s", k,
+    logger.info("chain k = %d (verification %s): predicted speedup %s", k,
+                "through MKL" if rows[k - 1]["verify_unpacked"] else "packed",
                 ", ".join(f"k={r['k']} {r['speedup']:.2f}x" for r in rows))
 
 
