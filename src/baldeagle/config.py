@@ -387,6 +387,15 @@ def value_parser(cls: type) -> _Parser:
     return parser
 
 
+def field_actions(cls: type) -> dict[str, argparse.Action]:
+    """Each field's typed action in `cls`'s HfArgumentParser. A bool field defaulting to true also
+    gets an untyped `--no_<name>` action with the same dest; the first, typed one is the field's."""
+    actions: dict[str, argparse.Action] = {}
+    for action in value_parser(cls)._actions:
+        actions.setdefault(action.dest, action)
+    return actions
+
+
 def _yaml(text: str, key: str, source: str) -> Any:
     """Parse one override value as YAML, or raise naming the key and where it came from."""
     try:
@@ -435,7 +444,7 @@ def _holds_as_is(annotation: Any, value: Any) -> bool:
 def typed_value(cls: type, key: str, value: Any, source: str) -> Any:
     """One setting, typed by `cls`'s HfArgumentParser, or a ConfigError naming the key and source."""
     name = str(key).replace("-", "_")
-    actions = {a.dest: a for a in value_parser(cls)._actions}
+    actions = field_actions(cls)
     if name not in actions or name not in field_names(cls):
         raise ConfigError(f"unknown key '{key}' in {source} for {cls.__name__}{_suggestion(name, field_names(cls))}")
     if value is None:
