@@ -15,7 +15,7 @@ import os
 import re
 import sys
 
-from baldeagle.config import STAGES, ConfigError, expected_type, load_config, parse_overrides, value_parser
+from baldeagle.config import STAGES, ConfigError, expected_type, field_actions, load_config, parse_overrides
 
 # stage → ("module:function", one-line help). Modules are imported only when their stage runs.
 RUNNERS: dict[str, tuple[str, str]] = {
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         cls = STAGES[stage]
         sub = subparsers.add_parser(stage, help=help_text, description=help_text)
         sub.add_argument("--config", default=None, help="YAML file with this stage's settings")
-        typed = {action.dest: action for action in value_parser(cls)._actions}
+        typed = field_actions(cls)
         for spec in dataclasses.fields(cls):
             if spec.init:
                 _add_field(sub, spec, typed[spec.name])

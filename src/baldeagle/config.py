@@ -218,7 +218,11 @@ class EvalConfig:
     out: str = _help("output folder: eval.json, acceptance.png", default="runs/eval")
     prompts: str = prompts_field()
     mode: str = _help("chain or tree (EAGLE-2 dynamic tree)", default="tree")
-    num_draft_tokens: int = _help("chain: tokens drafted per step", min=1, default=4)
+    num_draft_tokens: int = _help("chain: tokens drafted per step (with choose_k_from: the most)", min=1, default=4)
+    choose_k_from: str = _help(
+        "chain: a `baldeagle score` result (score.json) of this draft; k becomes the one in 1..num_draft_tokens "
+        "with the best speedup predicted from its per-position acceptance and the step costs measured here "
+        "before decoding (baldeagle.decode.cost)", default="")
     tree_depth: int = _help("tree: draft depth", min=1, default=5)
     tree_topk: int = _help("tree: children expanded per node", min=1, default=4)
     tree_total_tokens: int = _help("tree: nodes verified per step (root included)", min=2, default=24)
@@ -387,6 +391,15 @@ def value_parser(cls: type) -> _Parser:
     return parser
 
 
+def field_actions(cls: type) -> dict[str, argparse.Action]:
+    """Each field's typed action in `cls`'s HfArgumentParser. A bool field defaulting to true also
+    gets an untyped `--no_<name>` action with the same dest; the first, typed one is the field's."""
+    actions: dict[str, argparse.Action] = {}
+    for action in value_parser(cls)._actions:
+        actions.setdefault(action.dest, action)
+    return actions
+
+
 def _yaml(text: str, key: str, source: str) -> Any:
     """Parse one override value as YAML, or raise naming the key and where it came from."""
     try:
@@ -435,7 +448,7 @@ def _holds_as_is(annotation: Any, value: Any) -> bool:
 def typed_value(cls: type, key: str, value: Any, source: str) -> Any:
     """One setting, typed by `cls`'s HfArgumentParser, or a ConfigError naming the key and source."""
     name = str(key).replace("-", "_")
-    actions = {a.dest: a for a in value_parser(cls)._actions}
+    actions = field_actions(cls)
     if name not in actions or name not in field_names(cls):
         raise ConfigError(f"unknown key '{key}' in {source} for {cls.__name__}{_suggestion(name, field_names(cls))}")
     if value is None:

@@ -7,9 +7,9 @@ fast; an interrupted run resumes). This file doubles as the tutorial: read it to
     out/data/regenerated.jsonl   the target's own answers to chitchat + self-written prompts
     out/prepared/                token ids + assistant-only loss mask      (out/mask.html shows it)
     out/train/                   training checkpoints; out/draft/ is the trained EAGLE-3 draft
-    out/eval/eval.json           MT-bench (held out), tree mode, plus acceptance.png
-    out/eval/chain/eval.json     the same in chain mode
     out/score/score.json         the yardstick: chain τ on 40 MT-bench first turns, teacher-forced
+    out/eval/eval.json           MT-bench (held out), tree mode, plus acceptance.png
+    out/eval/chain/eval.json     the same in chain mode, k chosen from measured costs and the score
     out/export/{vllm,sglang,speculators}/   what each engine loads, with its serving command
     out/summary.json, out/summary.md
 """
@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 QUICKSTART_TRAIN = Path(str(resources.files("baldeagle") / "configs" / "quickstart.yaml"))
 REGENERATE_SHARE, TRAIN_SHARE = 0.25, 0.40  # of --minutes; the rest: loading, prepare, eval, export
 MIN_TRAIN_MINUTES = 0.5
-K = 3  # chain draft length, and the k written into the serving commands
+K = 3  # the longest chain eval may choose, the yardstick's k, and the k written into the serving commands
 TREE = {"tree_depth": 4, "tree_topk": 2, "tree_total_tokens": 8}  # on a CPU, verifying 8 tokens costs ~1.05x one
 
 
@@ -125,19 +125,22 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     # 4. Train an EAGLE-3 draft with the target online, for a fixed share of the budget.
     train_cfg = quickstart_train_config(cfg)
     _stage("train", draft / "model.safetensors", timings, lambda: _train_into(train_cfg, draft, run_train))
-    # 5. What the draft buys: speculative vs plain decoding on held-out MT-bench prompts, exact.
-    evals = {"tree": root / "eval", "chain": root / "eval" / "chain"}
-    for mode, out in evals.items():
-        eval_cfg = EvalConfig(model=cfg.model, draft=str(draft), out=str(out), mode=mode, num_draft_tokens=K,
-                              limit=cfg.eval_prompts, first_turn_only=True, max_new_tokens=cfg.eval_new_tokens,
-                              prompt_lookup=mode == "tree", timing_repeats=1, **TREE)
-        _stage(f"eval ({mode})", out / "eval.json", timings, lambda eval_cfg=eval_cfg: run_eval(eval_cfg))
-    # 6. The yardstick: chain acceptance on MT-bench first turns, teacher-forced on the target's
+    # 5. The yardstick: chain acceptance on MT-bench first turns, teacher-forced on the target's
     #    cached greedy answers (made once, reused by every later run), in seconds per draft.
     score_out = root / "score"
     _stage("score", score_out / "score.json", timings, lambda: run_score(ScoreConfig(
         model=cfg.model, draft=str(draft), out=str(score_out), limit=cfg.score_prompts,
         max_new_tokens=cfg.score_new_tokens, num_draft_tokens=K)))
+    # 6. What the draft buys: speculative vs plain decoding on held-out MT-bench prompts, exact. The
+    #    chain's k (1..K) is the one the yardstick's acceptance and this machine's measured step
+    #    costs predict to be fastest (baldeagle.decode.cost).
+    evals = {"tree": root / "eval", "chain": root / "eval" / "chain"}
+    for mode, out in evals.items():
+        eval_cfg = EvalConfig(model=cfg.model, draft=str(draft), out=str(out), mode=mode, num_draft_tokens=K,
+                              limit=cfg.eval_prompts, first_turn_only=True, max_new_tokens=cfg.eval_new_tokens,
+                              prompt_lookup=mode == "tree", timing_repeats=1,
+                              choose_k_from=str(score_out / "score.json") if mode == "chain" else "", **TREE)
+        _stage(f"eval ({mode})", out / "eval.json", timings, lambda eval_cfg=eval_cfg: run_eval(eval_cfg))
     # 7. Export for the serving engines; each folder's README.md holds the exact serving command.
     for fmt in ("vllm", "sglang", "speculators"):
         export_cfg = ExportConfig(draft=str(draft), format=fmt, out=str(root / "export" / fmt),
@@ -163,6 +166,8 @@ def _write_summary(root: Path, evals: dict, score_out: Path, timings: dict, rege
                                               "num_prompts", "num_draft_tokens")},
               "regenerated": {k: data_stats[k] for k in ("rows_total", "self_prompts", "generated_tokens")},
               "train": {**_train_metrics(draft), "target_dtype": target_dtype}}
+    if "chain" in results:  # the k eval chose
+        result["eval"]["chain"]["num_draft_tokens"] = results["chain"]["settings"]["tree_shape"][0]
     (root / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -193,7 +198,8 @@ def summary(results: dict, score: dict, timings: dict, root: Path) -> str:
              "| mode | acceptance length | tokens/s | plain tokens/s | speedup | outputs identical |",
              "|---|---|---|---|---|---|"]
     for mode, r in results.items():
-        lines.append(f"| {mode} | {r['acceptance_length']:.2f} | {r['tokens_per_second']:.1f} | "
+        name = f"chain k={r['settings']['tree_shape'][0]}" if mode == "chain" else mode
+        lines.append(f"| {name} | {r['acceptance_length']:.2f} | {r['tokens_per_second']:.1f} | "
                      f"{r['baseline_tokens_per_second']:.1f} | {r['speedup']:.2f}x | {r['outputs_match_baseline']} |")
     lookup = results.get("tree", {}).get("prompt_lookup_tokens_per_second")
     if lookup:

@@ -62,10 +62,13 @@ def test_trained_draft_beats_an_untrained_one(quickstart, tmp_path):
     fresh = Eagle3Draft.from_target(load_target("smollm2"), trained.config, d2t=trained.d2t.clone())
     save_draft(fresh, tmp_path / "fresh")
     chain = json.loads((root / "eval" / "chain" / "eval.json").read_text())
-    settings = {k: chain["settings"][k] for k in ("mode", "num_draft_tokens", "limit", "first_turn_only",
-                                                  "max_new_tokens", "prompt_lookup")}
-    baseline = run_eval(EvalConfig(draft=str(tmp_path / "fresh"), out=str(tmp_path / "eval"), **settings))
-    print(f"acceptance length, chain k=3: trained {chain['acceptance_length']:.3f}, "
+    settings = {k: chain["settings"][k] for k in ("mode", "limit", "first_turn_only", "max_new_tokens", "prompt_lookup")}
+    k = chain["chain_k_choice"]["chosen_k"]  # the quickstart's chain k comes from its cost model
+    assert 1 <= k <= 3 and chain["settings"]["tree_shape"] == [k, 1, k + 1]
+    assert result["eval"]["chain"]["num_draft_tokens"] == k and f"chain k={k}" in (root / "summary.md").read_text()
+    baseline = run_eval(EvalConfig(draft=str(tmp_path / "fresh"), out=str(tmp_path / "eval"), num_draft_tokens=k,
+                                   **settings))
+    print(f"acceptance length, chain k={k}: trained {chain['acceptance_length']:.3f}, "
           f"untrained {baseline['acceptance_length']:.3f}")
     assert chain["acceptance_length"] > baseline["acceptance_length"]
     # the yardstick ranks them the same way, on its own cached answers

@@ -1,9 +1,11 @@
 """Configuration precedence and errors, through the real CLI parser."""
 
+import dataclasses
+
 import pytest
 
 from baldeagle.cli import RUNNERS, build_parser, main, parse_config
-from baldeagle.config import ConfigError, PrepareConfig, TrainConfig, load_config, write_resolved
+from baldeagle.config import STAGES, ConfigError, PrepareConfig, TrainConfig, load_config, write_resolved
 
 
 def test_precedence_defaults_yaml_overrides_flags(tmp_path):
@@ -277,3 +279,26 @@ def test_an_old_training_args_mapping_still_loads_key_by_key(tmp_path, caplog):
     with pytest.raises(ConfigError, match=r"unknown key 'adam_epsilom' in .*old\.yaml, training_args"):
         config.write_text("training_args: {adam_epsilom: 1.0e-6}\n")
         parse_config(["train", "--config", str(config)])
+
+
+# Trainer bools that TrainingArguments refuses on their own (they need other keys set with them),
+# and the two the machine decides: use_cpu (TrainConfig sets it wherever there is no accelerator)
+# and dataloader_pin_memory (TrainingArguments turns it off without one)
+NEEDS_OTHER_KEYS = {"load_best_model_at_end", "use_cpu", "dataloader_pin_memory"}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_every_bool_key_is_settable_both_ways(stage):
+    """`--x`, `--no-x`, `x=true` and `x=false` for every bool field of every stage, whatever its
+    default (a field defaulting to true once lost `--no-x` and refused `x=false` as not text)."""
+    cls = STAGES[stage]
+    bools = [f.name for f in dataclasses.fields(cls) if f.init and f.type in (bool, "bool")
+             and f.name not in NEEDS_OTHER_KEYS]
+    positional = [f.name for f in dataclasses.fields(cls) if f.metadata.get("positional")]
+    base = [stage, *(["somewhere"] if positional else [])]
+    for name in bools:
+        flag = name.replace("_", "-")
+        for argv, expected in (([f"--{flag}"], True), ([f"--no-{flag}"], False),
+                               ([f"{name}=true"], True), ([f"{name}=false"], False)):
+            _, cfg = parse_config([*base, *argv])
+            assert getattr(cfg, name) is expected, (stage, argv)

@@ -252,3 +252,93 @@ def test_an_mtbench_subset_covers_every_category():
         chosen = [p.id for p in ten if p.category == category]
         assert chosen == [i for i, q in questions.items() if q["category"] == category][:len(chosen)]
     assert [p.id for p in load_prompt_set("mtbench", limit=1)] == [next(iter(questions))]
+
+
+# ------------------------------------------------------------------------------------------
+# The chain's k chosen from measured costs (baldeagle.decode.cost)
+# ------------------------------------------------------------------------------------------
+
+
+def test_predict_chain_and_best_k_by_hand():
+    from baldeagle.decode.cost import best_chain_k, predict_chain
+
+    costs = {"plain": 10.0, "commit": 1.0, "draft(1)": 1.0, "draft(2)": 2.0, "draft(3)": 3.0,
+             "verify(2)": 12.0, "verify(3)": 13.0, "verify(4)": 20.0}
+    rows = predict_chain(costs, [0.5, 0.3, 0.2], 3)
+    # τ(k) = 1.5, 1.8, 2.0; step = 14, 16, 24 (draft + verify + commit); speedup = τ·10/step
+    assert [r["tau"] for r in rows] == pytest.approx([1.5, 1.8, 2.0])
+    assert [r["step_over_plain"] for r in rows] == pytest.approx([1.4, 1.6, 2.4])
+    assert [r["speedup"] for r in rows] == pytest.approx([15 / 14, 18 / 16, 20 / 24])
+    assert [r["tau_for_1.5x"] for r in rows] == pytest.approx([2.1, 2.4, 3.6])
+    assert best_chain_k(rows) == 2 and not any(r["verify_unpacked"] for r in rows)
+    # a verification through MKL's path that is cheaper is the one the prediction counts
+    rows = predict_chain({**costs, "verify(4), unpacked": 11.0, "verify(2), unpacked": 13.0}, [0.5, 0.3, 0.2], 3)
+    assert [r["verify_unpacked"] for r in rows] == [False, False, True]
+    assert rows[2]["speedup"] == pytest.approx(20 / 15) and best_chain_k(rows) == 3
+    # a tie goes to the shorter chain; without acceptance only the costs are reported
+    assert best_chain_k([{"k": 1, "speedup": 1.2}, {"k": 2, "speedup": 1.2}]) == 1
+    assert predict_chain(costs, [], 2)[1]["speedup"] is None
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_measured_parts_leave_the_caches_as_they_were(packed):
+    from baldeagle.decode.cost import ChainStep, measure_costs
+    from baldeagle.model.packed import pack_linears
+
+    target = tiny_target("llama")
+    draft, _ = tiny_draft(target, "eagle3")
+    if packed:
+        assert pack_linears(target) and pack_linears(draft)
+    ids = torch.randint(3, 256, (1, 20))
+    costs = measure_costs(target, draft, ids, max_k=3, repeats=2, warmup=1, unmasked=True)
+    unpacked = {f"verify({k}), unpacked" for k in (2, 3, 4)} if packed else set()
+    assert set(costs) == {"plain", "commit", *(f"draft({k})" for k in (1, 2, 3)), *unpacked,
+                          *(f"verify({k})" for k in (2, 3, 4)), *(f"verify({k}), no mask" for k in (2, 3, 4))}
+    assert all(seconds > 0 for seconds in costs.values())
+    step = ChainStep(target, draft, ids)
+    with torch.inference_mode():
+        first = step.chain(3)
+        step.plain(), step.verify(first), step.commit()
+        again = step.chain(3)  # the same prefix gives the same chain: nothing was left in either cache
+    assert torch.equal(first.tokens, again.tokens)
+    assert all(layer.keys.shape[2] == 20 for layer in step.cache.layers)
+    if packed:  # the MKL-path timings hand the target back packed
+        assert {m.min_packed_rows for m in target.modules() if hasattr(m, "min_packed_rows")} == {2}
+
+
+def test_eval_decodes_with_the_k_its_cost_model_chose(saved, tmp_path):
+    from baldeagle.decode.cost import best_chain_k
+
+    score = tmp_path / "score.json"
+    score.write_text(json.dumps({"per_position_acceptance": [0.6, 0.3, 0.1]}))
+    result = run_eval(config(saved, tmp_path, mode="chain", num_draft_tokens=4, choose_k_from=str(score),
+                             prompt_lookup=False))
+    choice = result["chain_k_choice"]
+    rows, costs = choice["predicted"], choice["costs_seconds"]
+    assert len(rows) == 3  # at most the score's own k
+    for row in rows:  # the prediction recomputed from the recorded costs
+        verify = min(costs[f"verify({row['k'] + 1})"], costs[f"verify({row['k'] + 1}), unpacked"])
+        step = costs[f"draft({row['k']})"] + verify + costs["commit"]
+        assert row["speedup"] == pytest.approx((1 + sum([0.6, 0.3, 0.1][:row["k"]])) * costs["plain"] / step)
+    k = choice["chosen_k"]
+    assert k == best_chain_k(rows)
+    assert all(f"verify({r['k'] + 1}), unpacked" in costs for r in rows)  # eval's float32 target is packed
+    # ...and the decoding ran with that k, still exact
+    assert result["settings"]["tree_shape"] == [k, 1, k + 1] and len(result["per_position_acceptance"]) == k
+    assert result["outputs_match_baseline"] is True
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["chain_k_choice"]["chosen_k"] == k
+
+
+@pytest.mark.parametrize("content,overrides,error,match", [
+    (None, dict(mode="chain"), FileNotFoundError, "choose_k_from: .* not found"),
+    ("{}", dict(mode="chain"), ValueError, "not a `baldeagle score` result"),
+    ('{"per_position_acceptance": [1.5]}', dict(mode="chain"), ValueError, "shares in"),
+    ('{"per_position_acceptance": [0.5]}', dict(mode="tree"), ValueError, "needs mode chain"),
+])
+def test_choose_k_from_bad_score_fails_before_decoding(saved, tmp_path, content, overrides, error, match):
+    score = tmp_path / "score.json"
+    if content is not None:
+        score.write_text(content)
+    with pytest.raises(error, match=match):
+        run_eval(config(saved, tmp_path, choose_k_from=str(score), **overrides))
+    assert not (tmp_path / "eval").exists()

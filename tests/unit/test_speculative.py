@@ -20,7 +20,7 @@ from baldeagle.decode.speculative import (
 from baldeagle.decode import speculative
 from baldeagle.decode.tree import tree_from_parents
 from baldeagle.model.layers import build_mask
-from baldeagle.model.packed import pack_linears
+from baldeagle.model.packed import PackedLinear, pack_linears, set_min_packed_rows
 
 
 class PerfectDraft(torch.nn.Module):
@@ -101,6 +101,12 @@ def test_packed_linears_compute_the_same_and_decode_exactly():
     assert type(target.lm_head).__name__ == "PackedLinear"
     with torch.no_grad():
         torch.testing.assert_close(target(ids).logits, before, atol=1e-4, rtol=1e-4)
+    for mode in ["chain", "tree"]:
+        got = speculative_generate(target, draft, ids, SpecSettings(**SHAPES[mode], max_new_tokens=30))
+        assert got.tokens == expected
+    # verifications of up to 5 rows through MKL's path (what eval's cost model may choose): still exact
+    set_min_packed_rows(target, 6)
+    assert {m.min_packed_rows for m in target.modules() if isinstance(m, PackedLinear)} == {6}
     for mode in ["chain", "tree"]:
         got = speculative_generate(target, draft, ids, SpecSettings(**SHAPES[mode], max_new_tokens=30))
         assert got.tokens == expected

@@ -31,6 +31,7 @@ Metrics (written to `<out>/eval.json`):
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import statistics
@@ -260,6 +261,8 @@ class Session:
     warnings: list[str]
     pad_id: int
     packed: bool
+    acceptance: list[float] | None = None  # per-position acceptance from choose_k_from's score.json
+    k_choice: dict | None = None  # the measured costs and per-k prediction that chose the chain's k
 
     def decoders(self) -> dict:
         """name → decode(ids, settings, generator), in the order of a turn's first timing repeat."""
@@ -278,6 +281,7 @@ def _load(cfg: EvalConfig) -> Session:
     from baldeagle.targets import load_target, load_tokenizer, stop_token_ids, target_config_or_none
 
     _settings(cfg)  # bad k / top_p / temperature fail here, before anything loads
+    acceptance = read_score_acceptance(cfg) if cfg.choose_k_from else None
     target_config = target_config_or_none(cfg.model)  # None: a hub id offline (check_compatible checks later)
     if target_config is not None:
         check_full_attention(target_config, cfg.model)
@@ -303,7 +307,42 @@ def _load(cfg: EvalConfig) -> Session:
     packed = pack_linears(target)
     pack_linears(draft)
     pad_id = pad_token_id(tokenizer.pad_token_id, settings.eos_token_ids)
-    return Session(cfg, settings, prompts, target, draft, tokenizer, warnings, pad_id, packed)
+    return Session(cfg, settings, prompts, target, draft, tokenizer, warnings, pad_id, packed, acceptance)
+
+
+def read_score_acceptance(cfg: EvalConfig) -> list[float]:
+    """The per-position acceptance in `choose_k_from` (a `baldeagle score` result), checked."""
+    if cfg.mode != "chain":
+        raise ValueError(f"choose_k_from picks a chain's k: it needs mode chain, got mode {cfg.mode!r}")
+    path = Path(cfg.choose_k_from)
+    if not path.is_file():
+        raise FileNotFoundError(f"choose_k_from: {path} not found (a score.json written by `baldeagle score`)")
+    try:
+        acceptance = json.loads(path.read_text())["per_position_acceptance"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"choose_k_from: {path} is not a `baldeagle score` result ({error!r})") from None
+    if not acceptance or not all(isinstance(a, (int, float)) and 0 <= a <= 1 for a in acceptance):
+        raise ValueError(f"choose_k_from: {path}: per_position_acceptance must be shares in [0, 1], got {acceptance!r}")
+    return [float(a) for a in acceptance]
+
+
+def choose_chain_k(session: Session) -> None:
+    """Measure a chain step's parts on the first prompt, predict each k's speedup from the score's
+    acceptance, and decode with the best k (at most num_draft_tokens and the score's own k)."""
+    from baldeagle.decode.cost import apply_choice, best_chain_k, measure_costs, predict_chain
+
+    max_k = min(session.cfg.num_draft_tokens, len(session.acceptance))
+    ids = render(session.tokenizer, session.prompts[0], [], 0)
+    costs = measure_costs(session.target, session.draft, ids, max_k)
+    rows = predict_chain(costs, session.acceptance, max_k)
+    k = best_chain_k(rows)
+    apply_choice(session.target, rows[k - 1])
+    session.settings = dataclasses.replace(session.settings, num_draft_tokens=k)
+    session.k_choice = {"score": session.cfg.choose_k_from, "chosen_k": k, "costs_seconds": costs,
+                        "context_tokens": ids.shape[1], "predicted": rows}
+    logger.info("chain k = %d (verification %s): predicted speedup %s", k,
+                "through MKL" if rows[k - 1]["verify_unpacked"] else "packed",
+                ", ".join(f"k={r['k']} {r['speedup']:.2f}x" for r in rows))
 
 
 def _warm_up(session: Session) -> None:
@@ -395,6 +434,8 @@ def _write(session: Session, records: list[dict]) -> dict:
         "draft_type": session.draft.config.draft_type, "draft_vocab_size": session.draft.config.draft_vocab_size,
         "torch_threads": torch.get_num_threads(), "packed_linear_weights": session.packed,
     }
+    if session.k_choice:
+        result["chain_k_choice"] = session.k_choice
     result["warnings"] = session.warnings
     result["turns"] = records
     result["provenance"] = provenance()
@@ -411,6 +452,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     """Evaluate a draft: decode every prompt plainly and speculatively; write eval.json and a plot."""
     session = _load(cfg)
     _warm_up(session)
+    if session.acceptance:
+        choose_chain_k(session)
     return _write(session, _decode_all(session))
 
 
@@ -424,7 +467,8 @@ def format_table(result: dict) -> str:
         return "-" if value is None else fmt.format(value)
 
     s = result["settings"]
-    shape = f"chain k={s['num_draft_tokens']}" if s["mode"] == "chain" else (
+    chosen = " (chosen from measured costs)" if result.get("chain_k_choice") else ""
+    shape = f"chain k={s['tree_shape'][0]}{chosen}" if s["mode"] == "chain" else (
         f"tree depth={s['tree_depth']} topk={s['tree_topk']} tokens={s['tree_total_tokens']}")
     lines = [
         f"{result['num_prompts']} prompts, {result['num_turns']} turns, {shape}, temperature {s['temperature']}",

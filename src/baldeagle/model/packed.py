@@ -22,9 +22,12 @@ class PackedLinear(torch.nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+        # Fewer rows than this take MKL's path. Where the packed GEMM pays from depends on the CPU
+        # and its threads (on one 2-core Xeon MKL is faster up to 3 rows): `set_min_packed_rows`.
+        self.min_packed_rows = 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == x.shape[-1]:  # a single row
+        if x.numel() < self.min_packed_rows * x.shape[-1]:  # a single row, or few enough rows
             return torch.nn.functional.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
@@ -44,3 +47,10 @@ def pack_linears(model: torch.nn.Module) -> bool:
     except (RuntimeError, AttributeError):  # an older torch without these oneDNN ops
         return False
     return True
+
+
+def set_min_packed_rows(model: torch.nn.Module, rows: int) -> None:
+    """Forwards of fewer than `rows` rows run every `PackedLinear` of `model` through MKL's path."""
+    for module in model.modules():
+        if isinstance(module, PackedLinear):
+            module.min_packed_rows = rows
