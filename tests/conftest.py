@@ -6,6 +6,7 @@ import torch
 
 # Shared test helpers (tiny in-process targets, tokenizers, prepared data) live in tests/unit.
 sys.path.insert(0, str(Path(__file__).parent / "unit"))
+sys.path.insert(0, str(Path(__file__).parent / "e2e"))  # vllm_engine: where the real-engine tests find vLLM
 
 
 @pytest.fixture(scope="module")

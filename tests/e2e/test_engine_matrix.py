@@ -41,7 +41,6 @@ Without `.venv-vllm` these tests skip, unless BALDEAGLE_REQUIRE_VLLM=1 (CI): the
 """
 
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -49,12 +48,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from vllm_engine import VLLM_PYTHON, require_vllm
 
-from baldeagle.serve import REPO_ROOT
 
 pytestmark = pytest.mark.e2e
 
-VLLM_PYTHON = Path(os.environ.get("BALDEAGLE_VLLM_PYTHON") or REPO_ROOT / ".venv-vllm" / "bin" / "python")
 NEW_TOKENS = 32
 K = 3
 DRAFT_VOCAB = 512
@@ -101,14 +99,8 @@ CASES = [(family, kind, fmt) for family in FAMILIES for kind, fmt in FORMATS]
 
 @pytest.fixture(scope="module", autouse=True)
 def vllm_installed():
-    """Skip the module without vLLM's CPU build (before any target is built), or fail when
-    BALDEAGLE_REQUIRE_VLLM=1 says it must be there."""
-    if VLLM_PYTHON.is_file():
-        return
-    why = f"vLLM's CPU build is not installed ({VLLM_PYTHON} missing): run bash benchmarks/setup_vllm_venv.sh"
-    if os.environ.get("BALDEAGLE_REQUIRE_VLLM") == "1":
-        pytest.fail(f"{why} (BALDEAGLE_REQUIRE_VLLM=1: the real-engine tests must run)", pytrace=False)
-    pytest.skip(why)
+    """Skip the module without vLLM's CPU build (before any draft is trained), or fail under CI."""
+    require_vllm()
 
 
 # ------------------------------------------------------------------------------------------

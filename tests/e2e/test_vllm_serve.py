@@ -14,32 +14,24 @@ installs the engine first): then a missing engine is an error, so CI cannot pass
 import json
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
+from vllm_engine import VLLM_PYTHON, require_vllm
 
 from baldeagle.export import export_draft
 from baldeagle.serve import REPO_ROOT, ServeBenchConfig, run_engine, run_serve_bench
 
 pytestmark = pytest.mark.e2e
 
-# The same engine python `baldeagle serve-bench` uses (baldeagle.serve.engine_python).
-VLLM_PYTHON = Path(os.environ.get("BALDEAGLE_VLLM_PYTHON") or REPO_ROOT / ".venv-vllm" / "bin" / "python")
 NEW_TOKENS = 32
 K = 3
 
 
 @pytest.fixture(scope="module", autouse=True)
 def vllm_installed():
-    """Skip the module without vLLM's CPU build (before any draft is trained), or fail when
-    BALDEAGLE_REQUIRE_VLLM=1 says it must be there."""
-    if VLLM_PYTHON.is_file():
-        return
-    why = f"vLLM's CPU build is not installed ({VLLM_PYTHON} missing): run bash benchmarks/setup_vllm_venv.sh"
-    if os.environ.get("BALDEAGLE_REQUIRE_VLLM") == "1":
-        pytest.fail(f"{why} (BALDEAGLE_REQUIRE_VLLM=1: the real-engine tests must run)", pytrace=False)
-    pytest.skip(why)
+    """Skip the module without vLLM's CPU build (before any draft is trained), or fail under CI."""
+    require_vllm()
 
 
 @pytest.fixture(scope="module")
