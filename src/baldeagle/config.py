@@ -136,6 +136,9 @@ class TrainConfig(TrainingArguments):
                                      default=False)
     mode: str = _help("online (the target runs in the loop) or offline (read --features)", default="online")
     features: str = _help("offline feature store folder (baldeagle features)", default="")
+    feature_cache_gb: float = _help("online: keep each row's target features in memory, up to this many GB, and "
+                                    "reuse them on later epochs instead of running the target again (0 = off)",
+                                    min=0, default=0.0)
     eval_fraction: float = _help("share of prepared rows held out for evaluation", min=0, lt=1, default=0.05)
     max_length: int = _help("truncate training rows to this many tokens (counted; rows with no trained token "
                             "left are skipped)", min=1, default=2048)

@@ -21,3 +21,57 @@ def test_online_features_match_the_full_forward(name):
     torch.testing.assert_close(eagle3.logits[b, p], full.logits[b, p], atol=1e-5, rtol=1e-5)
     eagle1 = OnlineFeatures(target, "eagle1", [6])({"input_ids": ids, "attention_mask": mask})
     torch.testing.assert_close(eagle1.features, full.hidden_states[-1])
+
+
+def _counting_forwards(target):
+    calls = []
+    target.base_model.register_forward_hook(lambda *args: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("draft_type", ["eagle3", "eagle1"])
+def test_cached_features_reuse_a_rows_features_without_running_the_target(draft_type):
+    from baldeagle.data.features import CachedFeatures
+
+    target = tiny_target("llama")
+    online = OnlineFeatures(target, draft_type, [1, 3, 5] if draft_type == "eagle3" else [6])
+    cached = CachedFeatures(OnlineFeatures(target, draft_type, online.aux_layer_ids), max_bytes=10**9)
+    calls = _counting_forwards(target)
+    ids = torch.randint(3, 256, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    first = {"input_ids": ids, "attention_mask": mask, "row_index": torch.tensor([7, 2, 5])}
+    cached(first)
+    assert len(calls) == 1 and cached.misses == 3 and sorted(cached.rows) == [2, 5, 7]
+    # The same rows again in another order and another padded width: served from memory.
+    again = {"input_ids": torch.cat([ids[[1, 0]], torch.zeros(2, 3, dtype=ids.dtype)], dim=1),
+             "attention_mask": torch.cat([mask[[1, 0]], torch.zeros(2, 3, dtype=mask.dtype)], dim=1),
+             "row_index": torch.tensor([2, 7])}
+    reused = cached(again)
+    assert len(calls) == 1 and cached.hits == 2
+    expected = online(again)  # an independent forward of the new batch
+    real = again["attention_mask"].bool()
+    torch.testing.assert_close(reused.features[real], expected.features[real], atol=1e-5, rtol=1e-5)
+    assert not reused.features[~real].any()  # padding is zeros, as the offline store gives it
+    b, p = torch.tensor([0, 1, 1]), torch.tensor([0, 4, 11])
+    torch.testing.assert_close(reused.logits[b, p], expected.logits[b, p], atol=1e-5, rtol=1e-5)
+
+
+def test_cached_features_stop_keeping_rows_at_the_budget_and_check_token_ids():
+    from baldeagle.data.features import CachedFeatures
+
+    target = tiny_target("llama")
+    row_bytes = 10 * 4 + 10 * 64 * 4 * 4  # ids (int32) + 3H features + H last hidden, float32 target
+    cached = CachedFeatures(OnlineFeatures(target, "eagle3", [1, 3, 5]), max_bytes=2 * row_bytes)
+    calls = _counting_forwards(target)
+    ids = torch.randint(3, 256, (3, 10), dtype=torch.int32)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "row_index": torch.tensor([0, 1, 2])}
+    cached(batch)
+    assert sorted(cached.rows) == [0, 1] and cached.full and cached.bytes == 2 * row_bytes
+    cached(batch)  # row 2 was not kept: the target runs again
+    assert len(calls) == 2
+    cached({k: v[:2] for k, v in batch.items()})
+    assert len(calls) == 2
+    other = dict(batch, input_ids=ids.flip(-1))
+    with pytest.raises(ValueError, match="prepared row 0 came with other token ids"):
+        cached({k: v[:1] for k, v in other.items()})

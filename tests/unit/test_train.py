@@ -371,3 +371,22 @@ def save_and_read(tmp_path, name):
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(save_tiny_target(tmp_path / f"plain-{name}", name))
+
+
+@pytest.mark.parametrize("draft_type", ["eagle3", "eagle1"])
+def test_features_kept_in_memory_give_the_same_losses_over_epochs(workspace, draft_type):
+    common = dict(draft_type=draft_type, max_steps=-1, num_train_epochs=3, eval_fraction=0.0, feature_noise=0.0)
+    run_train(config(workspace, f"uncached-{draft_type}", **common))
+    run_train(config(workspace, f"cached-{draft_type}", feature_cache_gb=0.5, **common))
+    uncached, cached = losses(workspace["root"] / f"uncached-{draft_type}"), losses(workspace["root"] / f"cached-{draft_type}")
+    assert sorted(cached) == sorted(uncached) and len(cached) == 18  # 24 rows, 4 per step, 3 epochs
+    for step in uncached:
+        assert cached[step] == pytest.approx(uncached[step], rel=1e-5, abs=1e-6), (step, uncached, cached)
+    history = json.loads((workspace["root"] / f"cached-{draft_type}" / "final" / "metrics.json").read_text())
+    reused = [h["feature_rows_reused"] for h in history["log_history"] if "feature_rows_reused" in h]
+    assert reused and reused[-1] == 48  # epochs 2 and 3 read every row from memory
+
+
+def test_feature_cache_is_refused_offline(workspace):
+    with pytest.raises(ConfigError, match="feature_cache_gb is for mode=online"):
+        run_train(config(workspace, "cache-offline", mode="offline", features="somewhere", feature_cache_gb=1))

@@ -20,7 +20,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from baldeagle.config import ConfigError, TrainConfig, write_resolved
 from baldeagle.conventions import check_full_attention, pad_token_id, text_config, torch_dtype
-from baldeagle.data.features import OnlineFeatures
+from baldeagle.data.features import CachedFeatures, OnlineFeatures
 from baldeagle.data.prepare import load_prepared
 from baldeagle.io import (atomic_dir, atomic_write_json, check_safetensors, check_torch_file, provenance, read_json,
                          remove_stale_partials)
@@ -46,6 +46,9 @@ def check_settings(cfg: TrainConfig) -> None:
         check_norm_options(cfg.draft_type, norm_options(cfg))  # EAGLE 3.1 options: EAGLE-3 only
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    if cfg.mode == "offline" and cfg.feature_cache_gb > 0:
+        raise ConfigError("feature_cache_gb is for mode=online: offline training already reads its features "
+                          "from the store instead of running the target")
     if cfg.mode == "offline" and not cfg.features:
         raise ConfigError("mode=offline needs features=DIR (a store written by baldeagle features)")
     torch_dtype(cfg.target_dtype)  # a ConfigError for an unknown name
@@ -208,7 +211,8 @@ def open_store(cfg: TrainConfig, target):
 
 def make_features(cfg: TrainConfig, target, draft, store=None):
     if store is None:
-        return OnlineFeatures(target, cfg.draft_type, draft.config.aux_layer_ids)
+        online = OnlineFeatures(target, cfg.draft_type, draft.config.aux_layer_ids)
+        return CachedFeatures(online, int(cfg.feature_cache_gb * 1e9)) if cfg.feature_cache_gb > 0 else online
     from baldeagle.data.store_reader import OfflineFeatures
 
     # Offline, only the target's LM head is needed during training (logits at trained positions).

@@ -41,7 +41,8 @@ class EagleTrainer(Trainer):
 
     def __init__(self, *args, features, yardstick=None, yardstick_k: int = 3, **kwargs):
         super().__init__(*args, **kwargs)
-        self.features = features  # OnlineFeatures (target in the loop) or OfflineFeatures (the store)
+        # OnlineFeatures (target in the loop), CachedFeatures (kept after a first pass), OfflineFeatures (a store)
+        self.features = features
         # decode.yardstick.Yardstick: chain acceptance on the prompts that matter, at every evaluation
         self.yardstick, self.yardstick_k = yardstick, yardstick_k
         # For learning curves: training time without evaluations, and tokens the target has read.
@@ -147,6 +148,9 @@ class EagleTrainer(Trainer):
             tokens = torch.tensor(self._target_tokens, dtype=torch.float64, device=self.args.device)
             logs["target_tokens"] = int(self.accelerator.reduce(tokens, reduction="sum").item())
             logs["train_minutes"] = (time.monotonic() - self._clock_start - self._eval_seconds) / 60
+        if getattr(self.features, "hits", 0):  # CachedFeatures: rows whose features were reused so far
+            logs["feature_rows_reused"] = self.features.hits
+            logs["feature_cache_gb"] = round(self.features.bytes / 1e9, 3)
         super().log(logs, start_time)
 
     # ---- evaluation: the same objective on held-out rows ------------------------------------
