@@ -124,6 +124,14 @@ class TrainConfig(TrainingArguments):
     draft_type: str = _help("eagle3 or eagle1", default="eagle3")
     ttt_steps: int = _help("EAGLE-3 training-time-test steps K", min=1, default=7)
     ttt_step_weight: float = _help("EAGLE-3 loss weight of TTT step k is this to the power k", gt=0, default=0.8)
+    loss: str = _help("EAGLE-3 step loss: kl (soft cross-entropy against the target's distribution over the draft "
+                      "vocabulary) or lk (LK^λ of arXiv 2602.23881: per position λ·KL + (1-λ)·(1-α), α the "
+                      "draft/target overlap (acceptance rate), λ = exp(-3·α)); EAGLE-1 keeps its own loss",
+                      default="kl")
+    init_from_target_layer: int = _help("initialise a fresh draft's decoder layer from this target decoder layer "
+                                        "(0..L-1; EAGLE-3: q/k/v read the feature half, the embedding half starts "
+                                        "at zero); -1 = random initialisation; --resume never re-initialises",
+                                        min=-1, default=-1)
     draft_vocab_size: int = _help("EAGLE-3 draft vocabulary (at most the target's)", min=1, default=32000)
     aux_layer_ids: list[int] = _help("EAGLE-3 feature layers (hidden_states ids; empty = [2, L//2, L-3])",
                                      default_factory=list)

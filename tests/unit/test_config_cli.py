@@ -103,6 +103,21 @@ def test_eagle31_train_keys_parse_and_round_trip(tmp_path):
     assert not any(getattr(TrainConfig(), key) for key in ("norm_before_fc", "fc_norm", "feed_normed_hidden"))
 
 
+def test_loss_and_init_layer_train_keys_parse_and_round_trip(tmp_path):
+    assert (TrainConfig().loss, TrainConfig().init_from_target_layer) == ("kl", -1)  # both off by default
+    config = tmp_path / "train.yaml"
+    config.write_text("loss: lk\ninit_from_target_layer: 3\n")
+    _, cfg = parse_config(["train", "--config", str(config)])
+    assert (cfg.loss, cfg.init_from_target_layer) == ("lk", 3)
+    assert load_config(TrainConfig, write_resolved(cfg, tmp_path / "resolved")) == cfg
+    _, cfg = parse_config(["train", "loss=kl", "--init-from-target-layer", "0"])
+    assert (cfg.loss, cfg.init_from_target_layer) == ("kl", 0)
+    with pytest.raises(ConfigError, match=r"^init_from_target_layer \(from key=value overrides\) must be at least -1"):
+        parse_config(["train", "init_from_target_layer=-2"])
+    with pytest.raises(ConfigError, match=r"^init_from_target_layer \(from key=value overrides\) must be int"):
+        parse_config(["train", "init_from_target_layer=last"])
+
+
 def test_help_lists_stages(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])

@@ -1,6 +1,7 @@
 """Draft configs follow their targets; the drafts run, cache correctly, and train only what they should."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -322,3 +323,74 @@ def test_the_two_input_norms_exclude_each_other():
         dc.draft_config_from_target(tiny_target("llama").config, "eagle3", norm_before_fc=True, fc_norm=True)
     with pytest.raises(TypeError, match="norm_outptu"):
         dc.draft_config_from_target(tiny_target("llama").config, "eagle3", norm_outptu=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# init_from_target_layer: the draft's decoder layer starts from one of the target's
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_eagle3_layer_from_a_target_layer_computes_that_layer_on_the_feature(family):
+    """q/k/v's embedding half is zero and hidden_norm is the target's input norm, so the new
+    midlayer is the target's layer 3 applied to the feature, whatever the embedding."""
+    target = tiny_target(family)
+    draft, _ = tiny_draft(target, "eagle3", init_layer=3)
+    layer, mid = target.model.layers[3], draft.midlayer
+    for name in ("q_proj", "k_proj", "v_proj"):
+        weight = getattr(mid.self_attn, name).weight
+        assert torch.equal(weight[:, :64], torch.zeros_like(weight[:, :64]))
+        assert torch.equal(weight[:, 64:], getattr(layer.self_attn, name).weight)
+        if family == "qwen2":  # q/k/v biased in the target: copied
+            assert torch.equal(getattr(mid.self_attn, name).bias, getattr(layer.self_attn, name).bias)
+    if family == "qwen2":  # the draft's o_proj bias (Llama's attention_bias) has no counterpart: zero
+        assert torch.equal(mid.self_attn.o_proj.bias, torch.zeros(64))
+    assert torch.equal(mid.hidden_norm.weight, layer.input_layernorm.weight)
+    assert torch.equal(mid.input_layernorm.weight, torch.ones(64))  # the embedding's norm: as built
+    generator = torch.Generator().manual_seed(0)
+    feature, embeds = torch.randn(2, 9, 64, generator=generator), torch.randn(2, 9, 64, generator=generator)
+    positions = torch.arange(9).expand(2, 9)
+    with torch.no_grad():
+        out = mid(embeds, feature, draft.rope(feature, positions))
+        ref = layer(feature, position_embeddings=target.model.rotary_emb(feature, positions), position_ids=positions)
+    torch.testing.assert_close(out, ref[0] if isinstance(ref, tuple) else ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_eagle1_layer_from_a_target_layer_copies_its_weights(family):
+    target = tiny_target(family)
+    draft, _ = tiny_draft(target, "eagle1", init_layer=5)
+    mine, theirs = draft.layers[0].state_dict(), target.model.layers[5].state_dict()
+    for name, value in mine.items():
+        if name == "self_attn.o_proj.bias":
+            assert torch.equal(value, torch.zeros(64))  # qwen2: o_proj has no bias in the target
+        else:
+            assert torch.equal(value, theirs[name]), name
+    assert set(theirs) - set(mine) == {"input_layernorm.weight"}  # the EAGLE-1 layer has no input norm
+
+
+@pytest.mark.parametrize("draft_type", ["eagle1", "eagle3"])
+@pytest.mark.parametrize("family, weight", [("qwen3", "self_attn.q_norm.weight [24]"),
+                                            ("qwen3_moe", "self_attn.q_norm.weight [24]"),
+                                            ("qwen2_moe", "mlp.gate.weight [4, 64]")])
+def test_a_target_layer_with_weights_the_draft_lacks_is_refused_naming_them(draft_type, family, weight):
+    with pytest.raises(ValueError, match=r"init_from_target_layer=2: the target's decoder layer 2 does not fit the "
+                                         rf"draft's layer: {re.escape(weight)} has no counterpart"):
+        tiny_draft(tiny_target(family), draft_type, init_layer=2)
+
+
+def test_a_target_layer_of_other_shapes_or_index_is_refused():
+    from baldeagle.model.eagle1 import Eagle1Draft
+
+    target = tiny_target("llama")
+    cfg = dc.draft_config_from_target(target.config, "eagle1")
+    narrow = dc.DraftConfig(**{**vars(cfg), "intermediate_size": 96})
+    with pytest.raises(ValueError, match=r"layer 1 does not fit .*mlp.gate_proj.weight is \[128, 64\], the draft's "
+                                         r"is \[96, 64\]"):
+        Eagle1Draft.from_target(target, narrow, init_layer=1)
+    unbiased = dc.DraftConfig(**{**vars(dc.draft_config_from_target(tiny_target("qwen2").config, "eagle1")),
+                                 "attention_bias": False})
+    with pytest.raises(ValueError, match=r"self_attn.q_proj.bias \[64\] has no counterpart in the draft's layer"):
+        Eagle1Draft.from_target(tiny_target("qwen2"), unbiased, init_layer=0)
+    with pytest.raises(ValueError, match=r"init_from_target_layer=6: the target has 6 decoder layers \(0..5\)"):
+        Eagle1Draft.from_target(target, cfg, init_layer=6)

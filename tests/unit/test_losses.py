@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from baldeagle.train.losses import (
+    draft_vocab_mass,
     draft_vocab_targets,
     eagle1_loss,
+    eagle3_lk_loss_from_targets,
     eagle3_loss_from_targets,
     eagle3_ttt_loss,
     feature_noise,
@@ -20,6 +22,12 @@ def eagle3_step_loss(draft_logits, target_logits_full, t2d, loss_mask, num_items
     """One TTT step the way `ttt_loss` scores it: the target restricted to the draft vocabulary,
     then the loss → (loss, correct, count)."""
     return eagle3_loss_from_targets(draft_logits, *draft_vocab_targets(target_logits_full, t2d), loss_mask, num_items)
+
+
+def lk_step_loss(draft_logits, target_logits_full, t2d, loss_mask, num_items=None, **kwargs):
+    """One TTT step scored with loss=lk, the way `ttt_loss` does it."""
+    return eagle3_lk_loss_from_targets(draft_logits, *draft_vocab_targets(target_logits_full, t2d), loss_mask,
+                                       num_items, target_mass=draft_vocab_mass(target_logits_full, t2d), **kwargs)
 
 
 def test_soft_cross_entropy_by_hand():
@@ -123,3 +131,96 @@ def test_feature_noise():
     assert feature_noise(x, std=0.1, kind="normal").std().item() == pytest.approx(0.1, rel=0.05)
     with pytest.raises(ValueError):
         feature_noise(x, kind="laplace")
+
+
+# ----------------------------------------------------------------------------------------------
+# loss=lk: LK^λ (arXiv 2602.23881), λ·KL(p~‖q) + (1-λ)·(1-α), α = Σ min(p, q), λ = exp(-3·sg[α])
+# ----------------------------------------------------------------------------------------------
+
+
+def lk_by_hand(draft_row, target_row, used, eta=3.0):
+    """LK^λ for one position in plain Python: the target's full-vocab softmax, its draft-vocab part
+    p (not renormalised) for the acceptance rate, renormalised p~ for the KL term."""
+    full = [math.exp(x) for x in target_row]
+    p = [full[i] / sum(full) for i in used]
+    p_tilde = [x / sum(p) for x in p]
+    q = [math.exp(x) / sum(math.exp(y) for y in draft_row) for x in draft_row]
+    alpha = sum(min(a, b) for a, b in zip(p, q))
+    kl = sum(a * math.log(a / b) for a, b in zip(p_tilde, q))
+    weight = math.exp(-eta * alpha)
+    return weight * kl + (1 - weight) * (1 - alpha)
+
+
+LK_T2D = torch.tensor([True, True, False, True])  # draft vocab = target ids 0, 1, 3
+LK_TARGET = torch.tensor([
+    [2.0, 1.0, 0.5, 0.0],  # argmax 0, in the draft vocab
+    [0.0, 0.0, 3.0, 0.0],  # argmax 2: out of the draft vocab → adds 0, stays in the denominator
+    [0.0, 1.0, 0.0, 2.0],  # loss_mask 0
+    [1.0, 0.0, 0.0, 0.5],  # argmax 0
+])
+LK_MASK = torch.tensor([1, 1, 0, 1])
+
+
+def test_lk_loss_equals_a_hand_computation():
+    draft = torch.tensor([[0.5, 0.0, 0.0], [0.0, 2.0, 0.0], [9.0, 0.0, 0.0], [0.0, 1.0, 0.0]], requires_grad=True)
+    loss, correct, count = lk_step_loss(draft, LK_TARGET, LK_T2D, LK_MASK)
+    rows = draft.detach().tolist()
+    expected = (lk_by_hand(rows[0], LK_TARGET[0].tolist(), [0, 1, 3])
+                + lk_by_hand(rows[3], LK_TARGET[3].tolist(), [0, 1, 3])) / 3  # / all 3 trained positions
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert (int(correct), int(count)) == (1, 3)  # row 0 right (draft 0 = target 0), row 3 wrong, row 1 OOV
+    loss.backward()
+    assert draft.grad[1].abs().sum() == 0 and draft.grad[2].abs().sum() == 0  # OOV and unmasked rows
+    assert draft.grad[0].abs().sum() > 0 and draft.grad[3].abs().sum() > 0
+    # the draft vocabulary's share of the target distribution: what α is measured against
+    full = torch.softmax(LK_TARGET, -1)
+    torch.testing.assert_close(draft_vocab_mass(LK_TARGET, LK_T2D), full[:, [0, 1, 3]].sum(-1))
+
+
+def test_lk_loss_without_weighting_is_kl_and_its_gradient_the_kl_losss():
+    """η = 0: λ = 1, the loss is KL(p~‖q) = soft cross-entropy - H(p~): the same gradient as loss=kl."""
+    torch.manual_seed(0)
+    target, t2d = torch.randn(5, 8), torch.rand(8) < 0.7
+    t2d[0] = True
+    mask = torch.tensor([1, 1, 0, 1, 1])
+    draft_lk = torch.randn(5, int(t2d.sum()), requires_grad=True)
+    draft_kl = draft_lk.detach().clone().requires_grad_(True)
+    lk, _, _ = lk_step_loss(draft_lk, target, t2d, mask, eta=0.0)
+    kl, _, _ = eagle3_step_loss(draft_kl, target, t2d, mask)
+    lk.backward()
+    kl.backward()
+    torch.testing.assert_close(draft_lk.grad, draft_kl.grad)
+    p_tilde, argmax = draft_vocab_targets(target, t2d)
+    entropy = -(p_tilde * p_tilde.log()).sum(-1)
+    in_vocab = mask.bool() & (argmax >= 0)
+    assert lk.item() == pytest.approx(kl.item() - (entropy * in_vocab).sum().item() / 4, rel=1e-5)
+
+
+@pytest.mark.parametrize("draft_row", [[-3.0, 2.0, 2.0], [3.0, 0.0, 0.0]], ids=["far-off", "close"])
+def test_lk_gradient_raises_the_drafts_probability_of_the_targets_argmax(draft_row):
+    """Far off (α ≈ 0.02, λ ≈ 0.95: mostly KL) and close (α ≈ 0.92, λ ≈ 0.06: mostly TV), one
+    gradient step raises q(target argmax)."""
+    t2d = torch.ones(3, dtype=torch.bool)
+    target = torch.tensor([[5.0, 0.0, 0.0]])  # p ≈ [0.987, 0.007, 0.007]
+    draft = torch.tensor([draft_row], requires_grad=True)
+    before = torch.softmax(draft.detach(), -1)[0, 0].item()
+    assert before < torch.softmax(target, -1)[0, 0].item()  # q(argmax) below p(argmax): room to rise
+    loss, _, _ = lk_step_loss(draft, target, t2d, torch.ones(1))
+    loss.backward()
+    assert draft.grad[0, 0] < 0  # descent raises the argmax's logit
+    after = torch.softmax(draft.detach() - 0.1 * draft.grad, -1)[0, 0].item()
+    assert after > before
+
+
+def test_lk_loss_num_items_semantics_match_the_kl_losss():
+    """Divided by num_items instead of the batch's count, and additive over a split batch: as loss=kl."""
+    torch.manual_seed(1)
+    target, t2d = torch.randn(2, 4, 6), torch.ones(6, dtype=torch.bool)
+    draft = torch.randn(2, 4, 6)
+    mask = torch.tensor([[1, 1, 0, 1], [1, 0, 0, 1]])
+    for step in (lk_step_loss, eagle3_step_loss):
+        mean, _, count = step(draft, target, t2d, mask)
+        summed, _, _ = step(draft, target, t2d, mask, num_items=1)
+        assert int(count) == 5 and summed.item() == pytest.approx(5 * mean.item(), rel=1e-6)
+        halves = [step(draft[i], target[i], t2d, mask[i], num_items=5)[0] for i in range(2)]
+        assert sum(halves).item() == pytest.approx(mean.item(), rel=1e-6)  # two micro-batches = one batch

@@ -125,6 +125,74 @@ def test_eagle31_options_reach_the_trained_draft_and_resume_keeps_them(workspace
                          feed_normed_hidden=True))
 
 
+def test_loss_lk_trains_an_eagle3_draft(workspace):
+    run_train(config(workspace, "lk", loss="lk", max_steps=12, eval_fraction=0.0))  # 6 batches, seen twice
+    history = losses(workspace["root"] / "lk")
+    first, second = sum(history[s] for s in range(1, 7)), sum(history[s] for s in range(7, 13))
+    assert all(torch.isfinite(torch.tensor(list(history.values())))) and second < 0.8 * first, history
+
+
+def test_bad_loss_and_init_settings_are_refused_before_any_work(workspace, monkeypatch):
+    from baldeagle.train import run
+
+    monkeypatch.setattr(run, "load_prepared", lambda *a: pytest.fail("work started"))
+    with pytest.raises(ConfigError, match="loss must be kl or lk, got 'ce'"):
+        run_train(config(workspace, "bad", loss="ce"))
+    with pytest.raises(ConfigError, match="loss=lk is an EAGLE-3 loss: draft_type=eagle1 trains with its own"):
+        run_train(config(workspace, "bad", draft_type="eagle1", loss="lk"))
+    with pytest.raises(ConfigError, match="init_from_target_layer must be a target decoder layer index .* got -2"):
+        run_train(config(workspace, "bad", init_from_target_layer=-2))
+    with pytest.raises(ConfigError, match=r"init_from_target_layer=6 is not a layer of the target .*6 decoder layers"):
+        run_train(config(workspace, "bad", init_from_target_layer=6))
+    assert not (workspace["root"] / "bad").exists()
+
+
+@pytest.mark.parametrize("draft_type", ["eagle3", "eagle1"])
+def test_init_from_target_layer_starts_from_its_weights_trains_and_resume_keeps_training(workspace, draft_type,
+                                                                                         monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from baldeagle.train import run
+
+    built = {}
+
+    def build_and_keep(*args, **kwargs):
+        draft = build_draft(*args, **kwargs)
+        built.setdefault("state", {k: v.clone() for k, v in draft.state_dict().items()})
+        return draft
+
+    build_draft = run.build_draft
+    monkeypatch.setattr(run, "build_draft", build_and_keep)
+    out = f"init-{draft_type}"
+    run_train(config(workspace, out, draft_type=draft_type, init_from_target_layer=2, max_steps=2, save_steps=2,
+                     eval_fraction=0.0))
+    target = AutoModelForCausalLM.from_pretrained(workspace["model"]).model.layers[2].state_dict()
+    state, prefix = built["state"], "midlayer." if draft_type == "eagle3" else "layers.0."
+    for name in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"):
+        weight = state[prefix + name]
+        if draft_type == "eagle3":  # [embedding half = 0 | feature half = the target's]
+            assert torch.equal(weight[:, :64], torch.zeros_like(weight[:, :64]))
+            weight = weight[:, 64:]
+        assert torch.equal(weight, target[name]), name
+    for name in ("self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+                 "post_attention_layernorm.weight"):
+        assert torch.equal(state[prefix + name], target[name]), name
+    if draft_type == "eagle3":
+        assert torch.equal(state["midlayer.hidden_norm.weight"], target["input_layernorm.weight"])
+    history = losses(workspace["root"] / out)
+    assert sorted(history) == [1, 2] and all(torch.isfinite(torch.tensor(list(history.values()))))
+    trained = load_draft(workspace["root"] / out / "final", expected_type=draft_type).state_dict()
+    assert not torch.equal(trained[prefix + "mlp.down_proj.weight"], target["mlp.down_proj.weight"])  # it trained
+    # --resume continues from the checkpoint: the draft is never initialised from the target again
+    from baldeagle.model import eagle1, eagle3
+
+    for module in (eagle1, eagle3):
+        monkeypatch.setattr(module, "init_layer_from_target", lambda *a: pytest.fail("re-initialised on --resume"))
+    run_train(config(workspace, out, draft_type=draft_type, init_from_target_layer=2, max_steps=3, save_steps=2,
+                     eval_fraction=0.0, resume=True))
+    assert sorted(losses(workspace["root"] / out)) == [1, 2, 3]
+
+
 def test_non_finite_loss_names_the_step(workspace):
     cfg = config(workspace, "nan", learning_rate=1e12, max_steps=20, max_grad_norm=0.0,
                  adam_epsilon=1e-30)

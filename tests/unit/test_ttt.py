@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_losses import eagle3_step_loss
+from test_losses import eagle3_step_loss, lk_step_loss
 from tiny_targets import draft_features, target_outputs, tiny_draft, tiny_target
 
 from baldeagle.model.layers import DraftCache
@@ -35,7 +35,8 @@ def unroll(draft, input_ids, features, target_logits, loss_mask, steps, attentio
     return SimpleNamespace(**vars(out), hidden=hidden, ran=ran)
 
 
-def stepwise_reference(draft, input_ids, features, target_logits, loss_mask, attention_mask, position_ids, steps):
+def stepwise_reference(draft, input_ids, features, target_logits, loss_mask, attention_mask, position_ids, steps,
+                       step_loss=eagle3_step_loss):
     """Per step k: outputs [B, T, H] and (loss, correct, count), one cached forward per (row, step).
 
     Step 0 is ordinary incremental decoding: token x_{t+1}, feature fc(g_t), one row at a time
@@ -69,7 +70,7 @@ def stepwise_reference(draft, input_ids, features, target_logits, loss_mask, att
         rows = [(b, t) for b in range(batch) for t in range(length) if t + 2 + k < length and loss_mask[b, t + 2 + k] and attention_mask[b, t]]
         draft_logits = torch.stack([draft.logits(out[b, t]) for b, t in rows])
         targets = torch.stack([target_logits[b, t + 1 + k] for b, t in rows])
-        losses.append(eagle3_step_loss(draft_logits, targets, draft.t2d, torch.ones(len(rows))))
+        losses.append(step_loss(draft_logits, targets, draft.t2d, torch.ones(len(rows))))
     return outputs, losses
 
 
@@ -116,6 +117,39 @@ def test_ttt_equals_stepwise_kv_cache_reference(padding_side, impl, all_rows):
                         position_ids=positions, impl=impl)  # the training entry point: the same numbers
     torch.testing.assert_close(plain.step_losses, out.step_losses, atol=1e-5, rtol=1e-5)
     assert [int(c) for c in plain.correct] == [int(c) for c in out.correct]
+
+
+def test_ttt_with_loss_lk_scores_every_step_with_lk():
+    """loss=lk: each step's loss is LK^λ on the stepwise reference's rows, with the target's mass on
+    the draft vocabulary (128 of 256 tokens here) in the acceptance rate; correct and count as loss=kl."""
+    steps = 3
+    draft, ids, features, logits, loss_mask, attention_mask, positions = _batch("llama", "left")
+    out = ttt_forward(draft, ids, features, logits, loss_mask, steps=steps, attention_mask=attention_mask,
+                      position_ids=positions, loss="lk")
+    kl = ttt_forward(draft, ids, features, logits, loss_mask, steps=steps, attention_mask=attention_mask,
+                     position_ids=positions)
+    with torch.no_grad():
+        _, ref_losses = stepwise_reference(draft, ids, features, logits, loss_mask, attention_mask, positions, steps,
+                                           step_loss=lk_step_loss)
+    for k, (loss, correct, count) in enumerate(ref_losses):
+        torch.testing.assert_close(out.step_losses[k], loss, atol=1e-5, rtol=1e-5)
+        assert (int(out.correct[k]), int(out.count[k])) == (int(correct), int(count))
+        assert (int(kl.correct[k]), int(kl.count[k])) == (int(correct), int(count))
+        assert abs(out.step_losses[k].item() - kl.step_losses[k].item()) > 1e-3  # another loss
+    out.loss.backward()
+    assert draft.midlayer.self_attn.q_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="loss must be one of kl, lk, got 'ce'"):
+        ttt_forward(draft, ids, features, logits, loss_mask, steps=1, loss="ce")
+
+
+def test_the_objective_refuses_lk_for_eagle1_and_unknown_losses():
+    from baldeagle.train.objective import DraftObjective
+
+    target = tiny_target("llama")
+    with pytest.raises(ValueError, match="loss=lk is an EAGLE-3 loss"):
+        DraftObjective(tiny_draft(target, "eagle1")[0], loss="lk")
+    with pytest.raises(ValueError, match="loss must be one of kl, lk"):
+        DraftObjective(tiny_draft(target, "eagle3", draft_vocab_size=128)[0], loss="tv")
 
 
 EAGLE31 = [dict(feed_normed_hidden=True), dict(norm_before_fc=True, feed_normed_hidden=True),

@@ -103,9 +103,10 @@ def target_outputs(model, input_ids, attention_mask=None):
 
 
 def tiny_draft(target, draft_type: str = "eagle3", draft_vocab_size: int = 64, seed: int = 0, counts=None,
-               **options):
+               init_layer=None, **options):
     """A draft (and its config) for `target`; the EAGLE-3 draft vocab comes from `counts` [V]
     (default: random counts, so about draft_vocab_size / 256 of the target's tokens are covered);
+    `init_layer`: its decoder layer starts from that target layer (`init_from_target_layer`);
     `options`: EAGLE 3.1 DraftConfig options (norm_before_fc, fc_norm, feed_normed_hidden)."""
     from baldeagle.model.draft_config import draft_config_from_target
     from baldeagle.model.eagle1 import Eagle1Draft
@@ -115,11 +116,11 @@ def tiny_draft(target, draft_type: str = "eagle3", draft_vocab_size: int = 64, s
     cfg = draft_config_from_target(target.config, draft_type, draft_vocab_size=draft_vocab_size, **options)
     torch.manual_seed(seed)
     if draft_type == "eagle1":
-        return Eagle1Draft.from_target(target, cfg), cfg
+        return Eagle1Draft.from_target(target, cfg, init_layer=init_layer), cfg
     if counts is None:
         counts = torch.randint(0, 50, (cfg.vocab_size,))
     d2t, _, _ = build_draft_vocab(counts, cfg.draft_vocab_size)
-    return Eagle3Draft.from_target(target, cfg, d2t=d2t), cfg
+    return Eagle3Draft.from_target(target, cfg, d2t=d2t, init_layer=init_layer), cfg
 
 
 def draft_features(hidden_states, cfg):

@@ -20,6 +20,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, Lla
 
 from baldeagle.model.draft_config import DraftConfig, to_llama_config
 from baldeagle.model.layers import DraftAttention, DraftBase, DraftCache
+from baldeagle.model.target_layer import init_layer_from_target
 
 
 class Eagle1DecoderLayer(nn.Module):
@@ -54,11 +55,16 @@ class Eagle1Draft(DraftBase):
         self.freeze_target_copies()
 
     @classmethod
-    def from_target(cls, target_model, cfg: DraftConfig, d2t: torch.Tensor | None = None) -> Eagle1Draft:
-        """A fresh draft whose embedding and LM head are frozen copies of the target's (`d2t` unused)."""
+    def from_target(cls, target_model, cfg: DraftConfig, d2t: torch.Tensor | None = None,
+                    init_layer: int | None = None) -> Eagle1Draft:
+        """A fresh draft whose embedding and LM head are frozen copies of the target's (`d2t` unused).
+        init_layer: start `layers[0]` from this target decoder layer (`baldeagle.model.target_layer`:
+        its weights as they are, less the input norm the draft layer lacks); None = random."""
         draft = cls(cfg)
         cls.copy_weight(draft.embed_tokens.weight, target_model.get_input_embeddings().weight)
         cls.copy_weight(draft.lm_head.weight, target_model.get_output_embeddings().weight)
+        if init_layer is not None:
+            init_layer_from_target(draft.layers[0], target_model, init_layer, "eagle1")
         return draft
 
     def project(self, features: torch.Tensor) -> torch.Tensor:

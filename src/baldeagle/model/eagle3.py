@@ -35,6 +35,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, Lla
 
 from baldeagle.model.draft_config import DraftConfig, to_llama_config
 from baldeagle.model.layers import DraftAttention, DraftBase, DraftCache
+from baldeagle.model.target_layer import init_layer_from_target
 from baldeagle.model.vocab import used_ids_from_d2t
 
 
@@ -84,9 +85,12 @@ class Eagle3Draft(DraftBase):
         self.freeze_target_copies()
 
     @classmethod
-    def from_target(cls, target_model, cfg: DraftConfig, d2t: torch.Tensor | None = None) -> Eagle3Draft:
+    def from_target(cls, target_model, cfg: DraftConfig, d2t: torch.Tensor | None = None,
+                    init_layer: int | None = None) -> Eagle3Draft:
         """A fresh draft: frozen copy of the target's embedding; LM head = the target's rows of the
-        draft vocabulary (trainable); `d2t` from `baldeagle.model.vocab.build_draft_vocab`."""
+        draft vocabulary (trainable); `d2t` from `baldeagle.model.vocab.build_draft_vocab`.
+        init_layer: start `midlayer` from this target decoder layer (`baldeagle.model.target_layer`:
+        q/k/v's feature half = the target's, embedding half = 0); None = random."""
         if d2t is None:
             raise ValueError("an EAGLE-3 draft needs d2t: build it with baldeagle.model.vocab.build_draft_vocab")
         if d2t.shape != (cfg.draft_vocab_size,):
@@ -99,6 +103,8 @@ class Eagle3Draft(DraftBase):
         cls.copy_weight(draft.embed_tokens.weight, target_model.get_input_embeddings().weight)
         target_head = target_model.get_output_embeddings().weight  # [V, H]
         cls.copy_weight(draft.lm_head.weight, target_head[used.to(target_head.device)])
+        if init_layer is not None:
+            init_layer_from_target(draft.midlayer, target_model, init_layer, "eagle3")
         return draft
 
     def set_draft_vocab(self, d2t: torch.Tensor) -> None:

@@ -15,6 +15,9 @@ Choices:
   loss · count is the sum and `num_items` can be a plain trained-token count) and in accuracy,
   where they count as wrong (the draft cannot propose that token, as in an engine), so acc_k
   matches acceptance.
+- EAGLE-3 `loss=lk` (`eagle3_lk_loss_from_targets`): the same masking, denominator and metrics,
+  with the LK^λ loss of Samarin et al., "LK Losses: Direct Acceptance Rate Optimization for
+  Speculative Decoding" (arXiv 2602.23881) per position instead of the soft cross-entropy.
 """
 
 from __future__ import annotations
@@ -69,16 +72,80 @@ def draft_vocab_targets(target_logits: torch.Tensor, t2d: torch.Tensor) -> tuple
     return probs, argmax_draft
 
 
-def eagle3_loss_from_targets(draft_logits, target_probs, target_argmax_draft, loss_mask, num_items=None):
-    """draft_logits [..., Vd], target_probs [..., Vd], target_argmax_draft [...] (-1 = out of the
-    draft vocab), loss_mask [...] → (loss, correct, count). See the module notes."""
+def draft_vocab_mass(target_logits: torch.Tensor, t2d: torch.Tensor) -> torch.Tensor:
+    """Target logits [..., V] → [...] float32: the target's probability of the draft vocabulary as a
+    whole, Σ_{v ∈ draft vocab} softmax(target logits)[v] (1 when the draft vocabulary is the target's)."""
+    target_logits = target_logits.detach().float()
+    used = t2d.nonzero().squeeze(-1)
+    return torch.exp(torch.logsumexp(target_logits.index_select(-1, used), -1) - torch.logsumexp(target_logits, -1))
+
+
+def _eagle3_step(per_position, draft_logits, target_argmax_draft, loss_mask, num_items=None):
+    """A per-position loss [...] → (loss, correct, count), the EAGLE-3 way (see the module notes)."""
     mask = loss_mask.bool()
     in_vocab = mask & (target_argmax_draft >= 0)
-    total = (soft_cross_entropy(draft_logits, target_probs) * in_vocab).sum()  # OOV-argmax positions add 0
+    total = (per_position * in_vocab).sum()  # OOV-argmax positions add 0
     count = mask.sum()
     loss = total / (count.clamp(min=1) if num_items is None else num_items)  # loss · count = the sum
     correct = ((draft_logits.argmax(-1) == target_argmax_draft) & mask).sum()
     return loss, correct.detach(), count
+
+
+def eagle3_loss_from_targets(draft_logits, target_probs, target_argmax_draft, loss_mask, num_items=None):
+    """draft_logits [..., Vd], target_probs [..., Vd], target_argmax_draft [...] (-1 = out of the
+    draft vocab), loss_mask [...] → (loss, correct, count). See the module notes."""
+    return _eagle3_step(soft_cross_entropy(draft_logits, target_probs), draft_logits, target_argmax_draft,
+                        loss_mask, num_items)
+
+
+LK_ETA = 3.0  # η of LK^λ's adaptive weight λ = exp(-η·α): the paper's best setting (its authors' recipe: 3)
+
+
+def lk_lambda_loss(draft_logits: torch.Tensor, target_probs: torch.Tensor, target_mass: torch.Tensor | None = None,
+                   eta: float = LK_ETA) -> torch.Tensor:
+    """LK^λ per position (arXiv 2602.23881), in float32: draft_logits [..., Vd], target_probs [..., Vd]
+    (the target renormalised over the draft vocabulary, `draft_vocab_targets`), target_mass [...]
+    (`draft_vocab_mass`; None = 1) → [...].
+
+        q      = softmax(draft_logits)                      the draft, over the draft vocabulary
+        p~     = target_probs                               the target renormalised there (loss=kl's target)
+        p      = p~ · target_mass                           the target's own probabilities of those tokens
+        α      = Σ_v min(p_v, q_v) = 1 - TV(p, q)           the acceptance rate of a draft token from q
+        λ      = exp(-η · sg[α])                            sg = stop-gradient: a weight, not a term
+        LK^λ   = λ · KL(p~ ‖ q) + (1 - λ) · (1 - α)
+
+    α is the probability that speculative sampling accepts a token drawn from q (min(1, p/q)
+    acceptance), with p over the target's full vocabulary: the draft can only propose draft-vocab
+    tokens, so the target's mass outside them is never accepted (p is not renormalised here, as in
+    the paper's authors' own implementation; the KL term keeps loss=kl's renormalised target).
+    BaldEagle's decoding verifies greedily (a draft token is accepted iff it is the target's argmax,
+    what acc_k counts); the loss is still the paper's, defined on the two distributions.
+    TV is the objective acceptance asks for, but its gradient is weak where the draft is far off;
+    λ leans on KL there (α → 0, λ → 1) and moves to TV as the draft aligns (α = 1: λ = e^-η).
+
+    Why LK^λ and not the paper's other loss, LK^α = -log α (hyperparameter-free): LK^λ is the one
+    that mixes in KL, which keeps a random draft's early gradient strong, with η = 3, the setting
+    reported as the paper's best and the default of its authors' EAGLE-3 script (SpecForge
+    `--kl-decay 3.0`). One deliberate difference from that script: λ is computed per position from
+    that position's α, where the script uses the step's batch-mean α. Per position keeps the loss a
+    plain sum over positions, so `num_items`, gradient accumulation and data parallelism weigh every
+    token the same whatever the batching (the invariance every loss here keeps).
+    """
+    log_q = F.log_softmax(draft_logits.float(), dim=-1)
+    p_tilde = target_probs.float()
+    p = p_tilde if target_mass is None else p_tilde * target_mass.float().unsqueeze(-1)
+    alpha = torch.minimum(p, log_q.exp()).sum(-1)
+    kl = (torch.xlogy(p_tilde, p_tilde) - p_tilde * log_q).sum(-1)  # 0 · log 0 = 0
+    weight = torch.exp(-eta * alpha.detach())
+    return weight * kl + (1 - weight) * (1 - alpha)
+
+
+def eagle3_lk_loss_from_targets(draft_logits, target_probs, target_argmax_draft, loss_mask, num_items=None,
+                                target_mass=None, eta: float = LK_ETA):
+    """`eagle3_loss_from_targets` with LK^λ (`lk_lambda_loss`) in place of the soft cross-entropy:
+    the same masking (OOV-argmax positions add 0), denominator (`num_items`) and (loss, correct, count)."""
+    return _eagle3_step(lk_lambda_loss(draft_logits, target_probs, target_mass, eta), draft_logits,
+                        target_argmax_draft, loss_mask, num_items)
 
 
 def eagle3_ttt_loss(step_losses: list[torch.Tensor], decay: float = 0.8) -> torch.Tensor:

@@ -10,16 +10,23 @@ import torch
 from torch import nn
 
 from baldeagle.data.features import TargetFeatures
-from baldeagle.train.ttt import eagle1_forward, scored_positions, ttt_forward
+from baldeagle.train.ttt import LOSSES, eagle1_forward, scored_positions, ttt_forward
 
 
 class DraftObjective(nn.Module):
-    def __init__(self, draft: nn.Module, ttt_steps: int = 7, feature_noise: float = 0.2, ttt_step_weight: float = 0.8):
+    def __init__(self, draft: nn.Module, ttt_steps: int = 7, feature_noise: float = 0.2, ttt_step_weight: float = 0.8,
+                 loss: str = "kl"):
+        """loss: the EAGLE-3 step loss, "kl" or "lk" (train/losses.py); EAGLE-1 has its own loss only."""
         super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+        if loss != "kl" and draft.config.draft_type != "eagle3":
+            raise ValueError(f"loss={loss} is an EAGLE-3 loss; a {draft.config.draft_type} draft trains with its own")
         self.draft = draft
         self.ttt_steps = ttt_steps
         self.ttt_step_weight = ttt_step_weight
         self.feature_noise = feature_noise
+        self.loss = loss
 
     def forward(self, batch: dict[str, torch.Tensor], target: TargetFeatures, num_items=None):
         """batch: input_ids, attention_mask, loss_mask [B, T]; target: the frozen target's tensors;
@@ -43,7 +50,7 @@ class DraftObjective(nn.Module):
         out = ttt_forward(
             self.draft, batch["input_ids"], target.features, target.logits, batch["loss_mask"],
             steps=self.ttt_steps, attention_mask=batch["attention_mask"], decay=self.ttt_step_weight,
-            num_items=divisor,
+            num_items=divisor, loss=self.loss,
         )
         sums = {}
         for k, (loss, correct, count) in enumerate(zip(out.step_losses, out.correct, out.count)):

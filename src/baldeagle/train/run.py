@@ -19,7 +19,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from baldeagle.config import ConfigError, TrainConfig, write_resolved
-from baldeagle.conventions import check_full_attention, pad_token_id, text_config, torch_dtype
+from baldeagle.conventions import check_full_attention, num_layers, pad_token_id, text_config, torch_dtype
 from baldeagle.data.features import CachedFeatures, OnlineFeatures
 from baldeagle.data.prepare import load_prepared
 from baldeagle.io import (atomic_dir, atomic_write_json, check_safetensors, check_torch_file, provenance, read_json,
@@ -30,6 +30,7 @@ from baldeagle.model.vocab import build_draft_vocab, count_trained_tokens
 from baldeagle.targets import load_target, stop_token_ids, target_config_or_none
 from baldeagle.train.collate import PadCollator, add_length_column
 from baldeagle.train.objective import DraftObjective
+from baldeagle.train.ttt import LOSSES
 from baldeagle.train.trainer import EagleTrainer, EvaluateEvery, TimeBudget
 
 CHECKPOINT_FILES = (CONFIG_NAME, WEIGHTS_NAME, TRAINER_STATE_NAME)  # the Trainer writes its state last
@@ -42,6 +43,14 @@ def check_settings(cfg: TrainConfig) -> None:
         raise ConfigError(f"draft_type must be eagle1 or eagle3, got {cfg.draft_type!r}")
     if cfg.mode not in ("online", "offline"):
         raise ConfigError(f"mode must be online or offline, got {cfg.mode!r}")
+    if cfg.loss not in LOSSES:
+        raise ConfigError(f"loss must be {' or '.join(LOSSES)}, got {cfg.loss!r}")
+    if cfg.loss != "kl" and cfg.draft_type != "eagle3":
+        raise ConfigError(f"loss={cfg.loss} is an EAGLE-3 loss: draft_type={cfg.draft_type} trains with its own "
+                          "(SmoothL1 + 0.1 · soft cross-entropy); use loss=kl or draft_type=eagle3")
+    if cfg.init_from_target_layer < -1:
+        raise ConfigError(f"init_from_target_layer must be a target decoder layer index (0..L-1) or -1 (off), "
+                          f"got {cfg.init_from_target_layer}")
     try:
         check_norm_options(cfg.draft_type, norm_options(cfg))  # EAGLE 3.1 options: EAGLE-3 only
     except ValueError as error:
@@ -68,9 +77,14 @@ def check_settings(cfg: TrainConfig) -> None:
 
 
 def check_target_config(cfg: TrainConfig, target_config) -> None:
-    """What the target's config alone can refuse: attention the drafts do not implement, and an
-    EAGLE-3 draft vocabulary larger than the target's (a mistake, not something to cap quietly)."""
+    """What the target's config alone can refuse: attention the drafts do not implement, a layer to
+    initialise from that the target does not have, and an EAGLE-3 draft vocabulary larger than the
+    target's (a mistake, not something to cap quietly)."""
     check_full_attention(target_config, f"the target {cfg.model}")
+    layers = num_layers(target_config)
+    if cfg.init_from_target_layer >= layers:
+        raise ConfigError(f"init_from_target_layer={cfg.init_from_target_layer} is not a layer of the target "
+                          f"({cfg.model} has {layers} decoder layers: 0..{layers - 1}); -1 = off")
     vocab = int(text_config(target_config).vocab_size)
     if cfg.draft_type == "eagle3" and cfg.draft_vocab_size > vocab:
         raise ConfigError(f"draft_vocab_size={cfg.draft_vocab_size} is above the target's vocabulary of {vocab} "
@@ -172,6 +186,8 @@ def check_target_fits(dataset, stats: dict, target, data: str) -> None:
 
 
 def build_draft(cfg: TrainConfig, target, train_rows, checkpoint: str | None):
+    """The checkpoint's draft on --resume (as saved: never re-initialised), else a fresh one whose
+    decoder layer starts from the target's layer `init_from_target_layer` when that is set."""
     draft_cfg = draft_config_from_target(
         target.config, cfg.draft_type, cfg.draft_vocab_size, cfg.aux_layer_ids or None, **norm_options(cfg)
     )
@@ -191,7 +207,8 @@ def build_draft(cfg: TrainConfig, target, train_rows, checkpoint: str | None):
         d2t, _, _ = build_draft_vocab(counts, draft_cfg.draft_vocab_size)
     from baldeagle.model.checkpoint import DRAFT_CLASSES
 
-    return DRAFT_CLASSES[cfg.draft_type].from_target(target, draft_cfg, d2t=d2t)
+    init_layer = cfg.init_from_target_layer if cfg.init_from_target_layer >= 0 else None  # a fresh draft only
+    return DRAFT_CLASSES[cfg.draft_type].from_target(target, draft_cfg, d2t=d2t, init_layer=init_layer)
 
 
 def open_store(cfg: TrainConfig, target):
@@ -269,7 +286,7 @@ def run_train(cfg: TrainConfig) -> dict:
     if yardstick is not None and eval_rows is None and cfg.eval_steps > 0:
         callbacks.append(EvaluateEvery(cfg.eval_steps))  # no held-out split: the yardstick's own schedule
     trainer = EagleTrainer(
-        model=DraftObjective(draft, cfg.ttt_steps, cfg.feature_noise, cfg.ttt_step_weight),
+        model=DraftObjective(draft, cfg.ttt_steps, cfg.feature_noise, cfg.ttt_step_weight, cfg.loss),
         args=cfg,  # TrainConfig is a TrainingArguments
         train_dataset=train_rows,
         eval_dataset=eval_rows,

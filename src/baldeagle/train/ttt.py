@@ -36,8 +36,11 @@ import torch.nn.functional as F
 
 from baldeagle.model.layers import sdpa_attention
 from baldeagle.train.losses import (
-    draft_vocab_targets, eagle1_loss, eagle3_loss_from_targets, eagle3_ttt_loss, feature_noise,
+    draft_vocab_mass, draft_vocab_targets, eagle1_loss, eagle3_lk_loss_from_targets, eagle3_loss_from_targets,
+    eagle3_ttt_loss, feature_noise,
 )
+
+LOSSES = ("kl", "lk")  # EAGLE-3 step losses: soft cross-entropy, or LK^λ (see train/losses.py)
 
 
 def shift_left(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -204,12 +207,18 @@ def ttt_unroll(draft, input_ids, features, runs: list[StepRows], real, position_
     return outputs
 
 
-def ttt_loss(draft, outputs, runs, trained, real, target_logits, decay: float = 0.8, num_items=None) -> TTTOutput:
+def ttt_loss(draft, outputs, runs, trained, real, target_logits, decay: float = 0.8, num_items=None,
+             loss: str = "kl") -> TTTOutput:
     """Score the unroll: step k's output at row t against the target at t+1+k, for every trained
-    position (`trained` [B, T], `scored_positions`); losses from train/losses.py."""
+    position (`trained` [B, T], `scored_positions`); losses from train/losses.py (`loss`: kl or lk)."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     b_idx, p_idx = trained.nonzero(as_tuple=True)  # [N]
     # Only trained positions are gathered (target_logits may compute lazily, see TargetLogits).
-    target_probs, target_argmax = draft_vocab_targets(target_logits[b_idx, p_idx], draft.t2d)  # [N, Vd], [N]
+    gathered = target_logits[b_idx, p_idx]  # [N, V]
+    target_probs, target_argmax = draft_vocab_targets(gathered, draft.t2d)  # [N, Vd], [N]
+    mass = draft_vocab_mass(gathered, draft.t2d) if loss == "lk" else None  # [N]
+    del gathered
     scored, keeps = [], []
     for k, (hidden, rows) in enumerate(zip(outputs, runs)):
         row = p_idx - 1 - k  # the row whose step-k output predicts position p
@@ -220,8 +229,12 @@ def ttt_loss(draft, outputs, runs, trained, real, target_logits, decay: float = 
     # One LM head call for every step: on CPU one large matmul (and its weight gradient) runs
     # faster than K small ones; the LM head is the draft's largest matmul.
     all_logits = draft.logits(torch.cat(scored)).split([len(h) for h in scored])  # [N_k, Vd] per step
-    steps = [eagle3_loss_from_targets(logits, target_probs[keep], target_argmax[keep], keep[keep], num_items)
-             for logits, keep in zip(all_logits, keeps)]
+    if loss == "lk":
+        steps = [eagle3_lk_loss_from_targets(logits, target_probs[keep], target_argmax[keep], keep[keep], num_items,
+                                             target_mass=mass[keep]) for logits, keep in zip(all_logits, keeps)]
+    else:
+        steps = [eagle3_loss_from_targets(logits, target_probs[keep], target_argmax[keep], keep[keep], num_items)
+                 for logits, keep in zip(all_logits, keeps)]
     losses, correct, count = (list(column) for column in zip(*steps))
     return TTTOutput(eagle3_ttt_loss(losses, decay), losses, correct, count)
 
@@ -238,6 +251,7 @@ def ttt_forward(
     decay: float = 0.8,
     impl: str = "sdpa",
     num_items=None,
+    loss: str = "kl",
 ) -> TTTOutput:
     """Unroll an EAGLE-3 draft for `steps` steps and return the weighted loss and per-step metrics.
 
@@ -245,13 +259,14 @@ def ttt_forward(
     target_logits [B, T, V] (the target's next-token logits at each position); loss_mask [B, T]
     (1 = token trained); attention_mask [B, T] (1 = real token); position_ids [B, T] (default 0..T-1).
     impl: "sdpa" (default; measured faster and leaner on an H200 and on CPU) or "eager" (same numbers).
+    loss: "kl" (soft cross-entropy, default) or "lk" (LK^λ, arXiv 2602.23881), per step (train/losses.py).
     """
     real, position_ids = real_and_positions(input_ids, attention_mask, position_ids)
     # Target position p = t+1+k is trained iff x_{p+1} is: the same positions at every step.
     trained = scored_positions(loss_mask, real)
     runs = needed_rows(trained, real, steps)
     outputs = ttt_unroll(draft, input_ids, features, runs, real, position_ids, impl)
-    return ttt_loss(draft, outputs, runs, trained, real, target_logits, decay, num_items)
+    return ttt_loss(draft, outputs, runs, trained, real, target_logits, decay, num_items, loss)
 
 
 @torch.no_grad()
