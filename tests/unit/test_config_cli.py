@@ -204,8 +204,8 @@ def test_quickstart_trains_with_the_packaged_config(tmp_path):
 
     assert QUICKSTART_TRAIN.is_relative_to(Path(baldeagle.__file__).parent)
     cfg = quickstart_train_config(QuickstartConfig(out=str(tmp_path)))
-    assert (cfg.ttt_steps, cfg.draft_vocab_size, cfg.learning_rate, cfg.per_device_train_batch_size) == (
-        1, 8192, 1e-3, 4)
+    assert (cfg.ttt_steps, cfg.draft_vocab_size, cfg.learning_rate, cfg.per_device_train_batch_size,
+            cfg.feature_cache_gb) == (1, 8192, 1e-3, 4, 2)
     assert cfg.data == str(tmp_path / "prepared") and cfg.out == str(tmp_path / "train")
 
 
