@@ -317,6 +317,11 @@ class RegenerateConfig:
     self_prompts: int = _help("also let the target write this many new user prompts, then answer them", min=0, default=0)
     self_prompt_max_tokens: int = _help("self-written prompts longer than this are dropped", min=1, default=96)
     self_prompt_temperature: float = _help("sampling temperature for self-written prompts", min=0, default=1.0)
+    self_prompt_openings: str = _help(
+        "start each self-written prompt with an opening the target then completes, taken in turn: 'tasks' (the "
+        "built-in openings over kinds of task: code, maths, reasoning, extraction, writing, roleplay, science, "
+        "humanities), a text file with one opening per line, or empty (the target starts the prompt itself)",
+        default="")
     max_new_tokens: int = _help("tokens per generated answer", min=1, default=512)
     max_prompt_tokens: int = _help("stop a conversation at a turn whose prompt is longer than this", min=1, default=2048)
     temperature: float = _help("0 = greedy answers; > 0 samples", min=0, default=0.0)

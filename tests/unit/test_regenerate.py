@@ -117,7 +117,30 @@ def test_self_written_prompts_are_distinct_and_answered(saved, tmp_path):
     assert {r["messages"][0]["content"] for r in rows} == set(texts)
 
 
+def test_self_written_prompts_continue_the_openings_in_turn(saved, tmp_path):
+    openings = tmp_path / "openings.txt"
+    openings.write_text("Write code that\n\nSolve for x:\n")
+    out = tmp_path / "steered.jsonl"
+    run_regenerate(config(saved, out, dataset="", self_prompts=4, self_prompt_max_tokens=64,
+                          self_prompt_temperature=1.5, batch_size=8, self_prompt_openings=str(openings)))
+    texts = [p["prompt"] for p in read_done(out.with_name("steered.jsonl.self_prompts.jsonl"))]
+    starts = [next((o for o in ("Write code that", "Solve for x:") if t.startswith(o)), None) for t in texts]
+    assert len(texts) == 4 and None not in starts and set(starts) == {"Write code that", "Solve for x:"}
+    assert all(len(t) - len(o) >= 3 for t, o in zip(texts, starts))  # the target wrote the rest
+    assert {r["messages"][0]["content"] for r in read_done(out)} == set(texts)
+
+
+def test_task_openings_cycle_over_kinds():
+    from baldeagle.data.regenerate import TASK_OPENINGS, self_prompt_openings
+
+    openings = self_prompt_openings("tasks")
+    kinds = len(TASK_OPENINGS)
+    assert openings[:kinds] == [group[0] for group in TASK_OPENINGS.values()]  # one kind after another
+    assert sorted(openings) == sorted(o for group in TASK_OPENINGS.values() for o in group)
+
+
 @pytest.mark.parametrize("overrides, message", [
+    ({"self_prompts": 2, "self_prompt_openings": "no/such/openings.txt"}, "neither 'tasks' nor a file"),
     ({"dataset": "", "self_prompts": 0}, "nothing to regenerate"),
     ({"top_p": 0.0}, "top_p"),
     ({"batch_size": 0}, "batch_size"),

@@ -8,7 +8,9 @@ t+1), each prompt holding the target's own earlier answers.
 `--self-prompts N` first lets the target write N user prompts itself: the chat template is
 rendered up to an open user turn and sampled, then prompts cut at the length limit, too short, or
 duplicated are dropped. A user with no dataset still gets prompts from the target's own
-distribution; mixed with a dataset, they widen its topics.
+distribution; mixed with a dataset, they widen its topics. `--self-prompt-openings tasks` steers
+them over kinds of task: each prompt starts with an opening such as "Write a Python function that"
+(TASK_OPENINGS, one kind after another) and the target writes the rest.
 
 Files (OUT is the output JSONL, which `baldeagle prepare --dataset OUT` reads):
 - OUT: one conversation per line, `{"id": "chitchat:17", "messages": [...]}`;
@@ -41,10 +43,28 @@ from baldeagle.io import atomic_write_json, ensure_writable, provenance
 logger = logging.getLogger(__name__)
 
 MIN_PROMPT_CHARS = 10
+MIN_OWN_CHARS = 3  # after an opening, the target must add at least this much of its own
 # A sampled batch of prompts ends when its longest row does; the last tenth of the rows often costs
 # as many steps as the rest (a few ramble to the token cap and are dropped as cut anyway), so a
 # self-prompt batch stops once 90% of its rows are finished. It favours shorter prompts slightly.
 SELF_PROMPT_FINISH_FRACTION = 0.9
+# `--self-prompt-openings tasks`: left alone, a small chat model writes mostly chat-like prompts, so
+# its answers teach a draft little code or maths. Each prompt instead starts with one of these
+# openings (ours, one kind of task after another) and the target writes the rest of it.
+TASK_OPENINGS = {
+    "code": ["Write a Python function that", "Write a JavaScript program that", "Fix the bug in this code:",
+             "Write a SQL query that"],
+    "maths": ["Solve for x:", "Calculate the", "Prove that", "A store sells"],
+    "reasoning": ["Solve this puzzle step by step:", "If every", "Which of these statements is true:",
+                  "Explain the logic behind"],
+    "extraction": ["Extract the names and dates from this text:", "Summarize the following passage:",
+                   "Turn this list into a JSON object:", "Classify each of these sentences:"],
+    "writing": ["Write a short story about", "Write a persuasive essay on", "Draft a letter to", "Write a poem about"],
+    "roleplay": ["Pretend you are", "Act as a", "You are a character in", "Role-play a conversation between"],
+    "science": ["Explain how", "What is the difference between", "Describe the process of", "Why does"],
+    "humanities": ["Discuss the causes of", "What were the main ideas of", "Compare the philosophies of",
+                   "Analyze the role of"],
+}
 
 
 @dataclass
@@ -147,12 +167,31 @@ def _normalised(text: str) -> str:
     return re.sub(r"[\W_]+", " ", text.lower()).strip()
 
 
+def self_prompt_openings(setting: str) -> list[str]:
+    """`--self-prompt-openings` → the openings, taken in turn ([] = none): 'tasks' cycles the kinds of
+    TASK_OPENINGS (each kind's first opening, then each kind's second, ...); else a file, one per line."""
+    if not setting:
+        return []
+    if setting == "tasks":
+        return [opening for group in zip(*TASK_OPENINGS.values()) for opening in group]
+    path = Path(setting)
+    if not path.is_file():
+        raise ValueError(f"self_prompt_openings: {setting!r} is neither 'tasks' nor a file of openings")
+    openings = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not openings:
+        raise ValueError(f"self_prompt_openings: {path} holds no opening (one per line)")
+    return openings
+
+
 def write_self_prompts(cfg: RegenerateConfig, generator, path: Path, counts: Counter) -> list[dict]:
-    """Sample user prompts from the target until `cfg.self_prompts` distinct ones are on disk."""
+    """Sample user prompts from the target until `cfg.self_prompts` distinct ones are on disk; with
+    openings, sample i continues opening i (mod their number), and the prompt is the two together."""
     rows = read_done(path)
     if len(rows) >= cfg.self_prompts:
         return rows[: cfg.self_prompts]
-    prefix = open_user_turn(generator.tokenizer, cfg.system_prompt)
+    tokenizer = generator.tokenizer
+    prefix = open_user_turn(tokenizer, cfg.system_prompt)
+    openings = [tokenizer(text, add_special_tokens=False).input_ids for text in self_prompt_openings(cfg.self_prompt_openings)]
     seen = {_normalised(r["prompt"]) for r in rows}
     rejected: Counter = Counter()
     attempts = 0
@@ -161,12 +200,15 @@ def write_self_prompts(cfg: RegenerateConfig, generator, path: Path, counts: Cou
         count = min(cfg.batch_size, 2 * (cfg.self_prompts - len(rows)))
         sampling = Sampling(cfg.self_prompt_max_tokens, cfg.self_prompt_temperature, 0.95, cfg.seed + attempts + 1,
                             finish_fraction=SELF_PROMPT_FINISH_FRACTION)
+        starts = [openings[(attempts + i) % len(openings)] if openings else [] for i in range(count)]
         attempts += count
         new = []
-        for completion in generator([prefix] * count, sampling):
+        for start, completion in zip(starts, generator([prefix + start for start in starts], sampling)):
             counts["self_prompt_tokens"] += len(completion.tokens)
-            text = generator.tokenizer.decode(completion.tokens, skip_special_tokens=True).strip()
-            reason = ("cut_at_max_tokens" if not completion.finished else "too_short" if len(text) < MIN_PROMPT_CHARS
+            text = tokenizer.decode(start + completion.tokens, skip_special_tokens=True).strip()
+            written = tokenizer.decode(completion.tokens, skip_special_tokens=True).strip()  # the target's part
+            short = len(text) < MIN_PROMPT_CHARS or len(written) < MIN_OWN_CHARS
+            reason = ("cut_at_max_tokens" if not completion.finished else "too_short" if short
                       else "duplicate" if _normalised(text) in seen else "")
             if reason:
                 rejected[reason] += 1
@@ -241,6 +283,7 @@ def check_settings(cfg: RegenerateConfig) -> None:
         raise ValueError(f"top_p must be in (0, 1], got {cfg.top_p}")
     if cfg.self_prompts < 0 or cfg.max_turns < 0:
         raise ValueError("self_prompts and max_turns must be >= 0")
+    self_prompt_openings(cfg.self_prompt_openings)  # a missing or empty file fails before the model loads
 
 
 def _answer_pending(cfg: RegenerateConfig, pending: list[Conversation], generator, out: Path, counts: Counter,
