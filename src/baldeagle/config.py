@@ -343,11 +343,17 @@ class QuickstartConfig:
     model: str = model_field()
     out: str = _help("root folder for every stage's output", default="runs/quickstart")
     minutes: float = _help("time budget of the whole run: regeneration gets 25%, training 40%", gt=0, default=30.0)
-    dataset: str = _help("conversations whose user turns the target answers (MT-bench stays held out)",
-                         default="chitchat")
-    conversations: int = _help("conversations read from --dataset", min=0, default=400)
+    dataset: str = _help("conversations whose user turns the target answers, with --conversations above 0 "
+                         "(MT-bench stays held out)", default="chitchat")
+    # Prompts the target writes itself, steered over kinds of task, gave +0.09/+0.12 τ on MT-bench over
+    # chitchat + self-written prompts at equal minutes (BENCHMARKS.md, "Where the quickstart's data
+    # comes from"): 1.6x the answer tokens per minute (single-turn answers batch better), and code,
+    # maths and reasoning that chat lacks. So the quickstart reads no conversation by default.
+    conversations: int = _help("conversations read from --dataset and answered (0 = none)", min=0, default=0)
     max_turns: int = _help("user turns answered per conversation", min=1, default=2)
-    self_prompts: int = _help("prompts the target writes itself, mixed in", min=0, default=100)
+    self_prompts: int = _help("prompts the target writes itself, then answers", min=0, default=300)
+    self_prompt_openings: str = _help("'tasks' (each self-written prompt starts with an opening over kinds of "
+                                      "task), a file of openings, or empty (unsteered)", default="tasks")
     max_new_tokens: int = _help("tokens per regenerated answer", min=1, default=192)
     max_length: int = _help("truncate training rows to this many tokens", min=1, default=512)
     eval_prompts: int = _help("MT-bench questions to evaluate on (first turns)", min=1, default=10)

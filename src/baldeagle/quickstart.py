@@ -4,7 +4,7 @@ Each step is the same stage function the CLI runs, with a config built here; eve
 into its own place under `out` and is skipped when its output already exists (a second run is
 fast; an interrupted run resumes). This file doubles as the tutorial: read it top to bottom.
 
-    out/data/regenerated.jsonl   the target's own answers to chitchat + self-written prompts
+    out/data/regenerated.jsonl   the target's own answers to prompts it wrote itself, over kinds of task
     out/prepared/                token ids + assistant-only loss mask      (out/mask.html shows it)
     out/train/                   training checkpoints; out/draft/ is the trained EAGLE-3 draft
     out/score/score.json         the yardstick: chain τ on 40 MT-bench first turns, teacher-forced
@@ -111,11 +111,13 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     regenerated, prepared, draft = root / "data" / "regenerated.jsonl", root / "prepared", root / "draft"
     timings: dict[str, float] = {}
 
-    # 1. The target answers chitchat's user turns and prompts it writes itself (MT-bench is held out).
+    # 1. The target writes prompts over kinds of task (code, maths, writing, ...) and answers them;
+    #    --conversations N adds N of --dataset's conversations. MT-bench is held out.
     _stage("regenerate", regenerated.with_name(regenerated.name + ".stats.json"), timings,
            lambda: run_regenerate(RegenerateConfig(
                model=cfg.model, dataset=cfg.dataset if cfg.conversations else "", out=str(regenerated),
                limit=cfg.conversations, shuffle=True, max_turns=cfg.max_turns, self_prompts=cfg.self_prompts,
+               self_prompt_openings=cfg.self_prompt_openings,
                max_new_tokens=cfg.max_new_tokens, chunk_size=32, max_minutes=cfg.minutes * REGENERATE_SHARE)))
     # 2. Conversations → token ids + assistant-only loss mask, with the target's chat template.
     _stage("prepare", prepared / "stats.json", timings, lambda: run_prepare(PrepareConfig(

@@ -13,6 +13,7 @@ from baldeagle.decode.score import run_score
 from baldeagle.export_check import check_export
 from baldeagle.model.checkpoint import load_draft, save_draft
 from baldeagle.model.eagle3 import Eagle3Draft
+from baldeagle.data.regenerate import self_prompt_openings
 from baldeagle.quickstart import run_quickstart
 from baldeagle.targets import load_target
 
@@ -34,6 +35,8 @@ def test_every_stage_wrote_its_output(quickstart):
     assert len(rows) == result["regenerated"]["rows_total"] >= 10
     assert sum(r["id"].startswith("self:") for r in rows) >= 1 and sum(r["id"].startswith("chitchat:") for r in rows) >= 1
     assert all(m["role"] == "assistant" for r in rows for m in r["messages"][1::2])
+    prompts = read_done(root / "data" / "regenerated.jsonl.self_prompts.jsonl")  # steered by default
+    assert prompts and all(p["prompt"].startswith(tuple(self_prompt_openings("tasks"))) for p in prompts)
     assert json.loads((root / "prepared" / "stats.json").read_text())["trained_tokens"] > 0
     assert (root / "mask.html").stat().st_size > 0
     draft = load_draft(root / "draft")

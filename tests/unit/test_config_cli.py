@@ -207,6 +207,9 @@ def test_quickstart_trains_with_the_packaged_config(tmp_path):
     assert (cfg.ttt_steps, cfg.draft_vocab_size, cfg.learning_rate, cfg.per_device_train_batch_size,
             cfg.feature_cache_gb) == (1, 8192, 1e-3, 4, 2)
     assert cfg.data == str(tmp_path / "prepared") and cfg.out == str(tmp_path / "train")
+    # The quickstart's data: 300 self-written prompts over kinds of task, no chitchat (BENCHMARKS.md).
+    defaults = QuickstartConfig()
+    assert (defaults.conversations, defaults.self_prompts, defaults.self_prompt_openings) == (0, 300, "tasks")
 
 
 def test_quickstart_without_its_config_is_an_error(tmp_path, monkeypatch):
