@@ -78,7 +78,7 @@ def train_peer(args, d2t: Path, out: Path) -> list[dict]:
                    "--out", str(folder), "--target", resolve_model(args.model), "--d2t",
                    str(d2t), "--minutes", str(last), "--epochs", "1000", "--threads", str(args.threads or 0),
                    "--save-at", ",".join(f"{m:g}" for m in args.marks if m != last),
-                   "--ttt-steps", "3", "--draft-vocab", "8192", "--lr", "1e-3", "--batch-size", "4",
+                   "--ttt-steps", str(args.peer_ttt_steps or quickstart_ttt_steps()), "--draft-vocab", "8192", "--lr", "1e-3", "--batch-size", "4",
                    "--max-length", "512", "--target-dtype", args.target_dtype or training_target_dtype(),
                    "--val-rows", "0", "--scheduler", "none"]  # constant lr, as ours after its 20 warm-up steps
         folder.mkdir(parents=True, exist_ok=True)
@@ -93,6 +93,11 @@ def train_peer(args, d2t: Path, out: Path) -> list[dict]:
         rows.append({"mark": mark, "minutes": info["train_seconds"] / 60, "step": info["steps"],
                      "tokens": info["target_tokens"], **score(args, draft, at / "score")})
     return rows
+
+
+def quickstart_ttt_steps() -> int:
+    """The peer trains with our TTT steps unless told otherwise (the same recipe, another trainer)."""
+    return load_config(TrainConfig, QUICKSTART_TRAIN).ttt_steps
 
 
 def score(args, draft: Path, out: Path) -> dict:
@@ -138,6 +143,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads per side (0 = torch's default)")
     parser.add_argument("--side", choices=["ours", "peer", "both"], default="both")
     parser.add_argument("--peer-d2t", default="", help="safetensors with the d2t the peer uses (default: our final draft's)")
+    parser.add_argument("--peer-ttt-steps", type=int, default=0, help="the peer's TTT steps (default: the quickstart's)")
     parser.add_argument("--peer-python", default=str(REPO / ".venv-speculators" / "bin" / "python"))
     parser.add_argument("--out", default="runs/learning_curve")
     args = parser.parse_args()
