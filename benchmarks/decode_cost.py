@@ -11,10 +11,10 @@ cache of --context tokens (the first MT-bench question, tiled):
 - commit: the draft reading 2 new rows (one accepted token and the bonus).
 The models are measured as `baldeagle eval` runs them (float32 linear weights pre-packed;
 --no-pack to compare). The measuring and the prediction are `baldeagle.decode.cost`, which
-`baldeagle eval --choose-k-from score.json` uses to pick its chain's k.
-With a `baldeagle score` result (--score score.json: per-position acceptance), it predicts the chain
-speedup for each k: τ(k) · plain / (draft(k) + verify(k+1) + commit), and the τ a draft needs for
-1.0x and 1.5x at that k. Prints a markdown table; writes --out (JSON).
+`baldeagle eval --choose-shape-from score.json` uses to pick its chain's k or fan's width.
+With a `baldeagle score` result (--score score.json: per-position acceptance and fan τ), it predicts
+the speedup of each chain k and fan w: τ · plain / (draft + verify + commit), and the τ a draft needs
+for 1.0x and 1.5x with that shape. Prints a markdown table; writes --out (JSON).
 
     .venv/bin/python benchmarks/decode_cost.py --draft runs/quickstart/draft --score runs/quickstart/score/score.json
 """
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from baldeagle.data.prompts import load_prompt_set
-from baldeagle.decode.cost import format_costs, measure_costs, predict_chain
+from baldeagle.decode.cost import format_costs, measure_costs, predict_shapes
 from baldeagle.model.checkpoint import load_draft
 from baldeagle.model.packed import pack_linears
 from baldeagle.targets import load_target, load_tokenizer
@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--score", default="", help="score.json of this draft (per-position acceptance)")
     parser.add_argument("--context", type=int, default=300, help="tokens already in the cache")
     parser.add_argument("--max-k", type=int, default=4)
+    parser.add_argument("--max-fan", type=int, default=4, help="widest depth-1 fan timed")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-pack", action="store_true",
@@ -62,13 +63,15 @@ def main() -> None:
     if not args.no_pack:  # as `baldeagle eval` decodes
         pack_linears(target)
         pack_linears(draft)
-    costs = measure_costs(target, draft, context_ids(args.model, args.context), args.max_k, args.repeats,
-                          args.warmup, unmasked=True)
-    acceptance = json.loads(Path(args.score).read_text())["per_position_acceptance"] if args.score else []
-    rows = predict_chain(costs, acceptance, min(args.max_k, len(acceptance) or args.max_k))
+    costs = measure_costs(target, draft, context_ids(args.model, args.context), args.max_k, args.max_fan,
+                          args.repeats, args.warmup, unmasked=True)
+    score = json.loads(Path(args.score).read_text()) if args.score else {}
+    acceptance, fans = score.get("per_position_acceptance", []), score.get("fan_acceptance_length", [])
+    rows = predict_shapes(costs, acceptance, min(args.max_k, len(acceptance) or args.max_k), fans,
+                          min(args.max_fan, len(fans) or args.max_fan))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"settings": vars(args), "packed": not args.no_pack, "threads": torch.get_num_threads(),
-                                          "seconds": costs, "chain": rows}, indent=2) + "\n")
+                                          "seconds": costs, "shapes": rows}, indent=2) + "\n")
     print(format_costs(costs, rows))
 
 

@@ -229,11 +229,12 @@ class EvalConfig:
     out: str = _help("output folder: eval.json, acceptance.png", default="runs/eval")
     prompts: str = prompts_field()
     mode: str = _help("chain or tree (EAGLE-2 dynamic tree)", default="tree")
-    num_draft_tokens: int = _help("chain: tokens drafted per step (with choose_k_from: the most)", min=1, default=4)
-    choose_k_from: str = _help(
-        "chain: a `baldeagle score` result (score.json) of this draft; k becomes the one in 1..num_draft_tokens "
-        "with the best speedup predicted from its per-position acceptance and the step costs measured here "
-        "before decoding (baldeagle.decode.cost)", default="")
+    num_draft_tokens: int = _help("chain: tokens drafted per step (with choose_shape_from: the most)", min=1,
+                                  default=4)
+    choose_shape_from: str = _help(
+        "chain: a `baldeagle score` result (score.json) of this draft; decode with the shape of the best speedup "
+        "predicted from its acceptance and the step costs measured here before decoding (baldeagle.decode.cost): "
+        "a chain of k in 1..num_draft_tokens, or a depth-1 fan of the draft's w best first guesses", default="")
     tree_depth: int = _help("tree: draft depth", min=1, default=5)
     tree_topk: int = _help("tree: children expanded per node", min=1, default=4)
     tree_total_tokens: int = _help("tree: nodes verified per step (root included)", min=2, default=24)

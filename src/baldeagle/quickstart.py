@@ -7,9 +7,9 @@ fast; an interrupted run resumes). This file doubles as the tutorial: read it to
     out/data/regenerated.jsonl   the target's own answers to prompts it wrote itself, over kinds of task
     out/prepared/                token ids + assistant-only loss mask      (out/mask.html shows it)
     out/train/                   training checkpoints; out/draft/ is the trained EAGLE-3 draft
-    out/score/score.json         the yardstick: chain τ on 40 MT-bench first turns, teacher-forced
+    out/score/score.json         the yardstick: chain and fan τ on 40 MT-bench first turns, teacher-forced
     out/eval/eval.json           MT-bench (held out), tree mode, plus acceptance.png
-    out/eval/chain/eval.json     the same in chain mode, k chosen from measured costs and the score
+    out/eval/chain/eval.json     the same with the shape (chain k or fan w) chosen from measured costs and the score
     out/export/{vllm,sglang,speculators}/   what each engine loads, with its serving command
     out/summary.json, out/summary.md
 """
@@ -134,14 +134,15 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         model=cfg.model, draft=str(draft), out=str(score_out), limit=cfg.score_prompts,
         max_new_tokens=cfg.score_new_tokens, num_draft_tokens=K)))
     # 6. What the draft buys: speculative vs plain decoding on held-out MT-bench prompts, exact. The
-    #    chain's k (1..K) is the one the yardstick's acceptance and this machine's measured step
-    #    costs predict to be fastest (baldeagle.decode.cost).
+    #    chain eval decodes with the shape (a chain of 1..K, or a depth-1 fan of the draft's best
+    #    first guesses) the yardstick's acceptance and this machine's measured step costs predict to
+    #    be fastest (baldeagle.decode.cost).
     evals = {"tree": root / "eval", "chain": root / "eval" / "chain"}
     for mode, out in evals.items():
         eval_cfg = EvalConfig(model=cfg.model, draft=str(draft), out=str(out), mode=mode, num_draft_tokens=K,
                               limit=cfg.eval_prompts, first_turn_only=True, max_new_tokens=cfg.eval_new_tokens,
                               prompt_lookup=mode == "tree", timing_repeats=1,
-                              choose_k_from=str(score_out / "score.json") if mode == "chain" else "", **TREE)
+                              choose_shape_from=str(score_out / "score.json") if mode == "chain" else "", **TREE)
         _stage(f"eval ({mode})", out / "eval.json", timings, lambda eval_cfg=eval_cfg: run_eval(eval_cfg))
     # 7. Export for the serving engines; each folder's README.md holds the exact serving command.
     for fmt in ("vllm", "sglang", "speculators"):
@@ -168,8 +169,9 @@ def _write_summary(root: Path, evals: dict, score_out: Path, timings: dict, rege
                                               "num_prompts", "num_draft_tokens")},
               "regenerated": {k: data_stats[k] for k in ("rows_total", "self_prompts", "generated_tokens")},
               "train": {**_train_metrics(draft), "target_dtype": target_dtype}}
-    if "chain" in results:  # the k eval chose
-        result["eval"]["chain"]["num_draft_tokens"] = results["chain"]["settings"]["tree_shape"][0]
+    if "chain" in results:  # the shape eval chose
+        choice = results["chain"]["shape_choice"]
+        result["eval"]["chain"].update(shape=choice["chosen"], num_draft_tokens=choice["drafted"])
     (root / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -200,7 +202,7 @@ def summary(results: dict, score: dict, timings: dict, root: Path) -> str:
              "| mode | acceptance length | tokens/s | plain tokens/s | speedup | outputs identical |",
              "|---|---|---|---|---|---|"]
     for mode, r in results.items():
-        name = f"chain k={r['settings']['tree_shape'][0]}" if mode == "chain" else mode
+        name = f"{r['shape_choice']['chosen']} (chosen)" if r.get("shape_choice") else mode
         lines.append(f"| {name} | {r['acceptance_length']:.2f} | {r['tokens_per_second']:.1f} | "
                      f"{r['baseline_tokens_per_second']:.1f} | {r['speedup']:.2f}x | {r['outputs_match_baseline']} |")
     lookup = results.get("tree", {}).get("prompt_lookup_tokens_per_second")

@@ -8,6 +8,7 @@ import torch
 
 from baldeagle.config import EvalConfig, QuickstartConfig, ScoreConfig
 from baldeagle.data.regenerate import read_done
+from baldeagle.decode.cost import best_shape, settings_for
 from baldeagle.decode.evaluate import run_eval
 from baldeagle.decode.score import run_score
 from baldeagle.export_check import check_export
@@ -65,13 +66,16 @@ def test_trained_draft_beats_an_untrained_one(quickstart, tmp_path):
     fresh = Eagle3Draft.from_target(load_target("smollm2"), trained.config, d2t=trained.d2t.clone())
     save_draft(fresh, tmp_path / "fresh")
     chain = json.loads((root / "eval" / "chain" / "eval.json").read_text())
-    settings = {k: chain["settings"][k] for k in ("mode", "limit", "first_turn_only", "max_new_tokens", "prompt_lookup")}
-    k = chain["chain_k_choice"]["chosen_k"]  # the quickstart's chain k comes from its cost model
-    assert 1 <= k <= 3 and chain["settings"]["tree_shape"] == [k, 1, k + 1]
-    assert result["eval"]["chain"]["num_draft_tokens"] == k and f"chain k={k}" in (root / "summary.md").read_text()
-    baseline = run_eval(EvalConfig(draft=str(tmp_path / "fresh"), out=str(tmp_path / "eval"), num_draft_tokens=k,
-                                   **settings))
-    print(f"acceptance length, chain k={k}: trained {chain['acceptance_length']:.3f}, "
+    settings = {k: chain["settings"][k] for k in ("limit", "first_turn_only", "max_new_tokens", "prompt_lookup")}
+    choice = chain["shape_choice"]  # the quickstart's chain shape comes from its cost model
+    best = best_shape(choice["predicted"])
+    assert (choice["shape"], choice["drafted"]) == (best["shape"], best["drafted"])
+    n = choice["drafted"]
+    assert chain["settings"]["tree_shape"] == ([n, 1, n + 1] if choice["shape"] == "chain" else [1, n, n + 1])
+    assert result["eval"]["chain"]["shape"] == choice["chosen"] and choice["chosen"] in (root / "summary.md").read_text()
+    baseline = run_eval(EvalConfig(draft=str(tmp_path / "fresh"), out=str(tmp_path / "eval"), **settings,
+                                   **settings_for(best)))
+    print(f"acceptance length, {choice['chosen']}: trained {chain['acceptance_length']:.3f}, "
           f"untrained {baseline['acceptance_length']:.3f}")
     assert chain["acceptance_length"] > baseline["acceptance_length"]
     # the yardstick ranks them the same way, on its own cached answers

@@ -255,29 +255,41 @@ def test_an_mtbench_subset_covers_every_category():
 
 
 # ------------------------------------------------------------------------------------------
-# The chain's k chosen from measured costs (baldeagle.decode.cost)
+# The shape (chain k or fan w) chosen from measured costs (baldeagle.decode.cost)
 # ------------------------------------------------------------------------------------------
 
 
-def test_predict_chain_and_best_k_by_hand():
-    from baldeagle.decode.cost import best_chain_k, predict_chain
+def test_predict_shapes_and_best_by_hand():
+    from baldeagle.decode.cost import best_shape, predict_shapes, settings_for
 
     costs = {"plain": 10.0, "commit": 1.0, "draft(1)": 1.0, "draft(2)": 2.0, "draft(3)": 3.0,
-             "verify(2)": 12.0, "verify(3)": 13.0, "verify(4)": 20.0}
-    rows = predict_chain(costs, [0.5, 0.3, 0.2], 3)
+             "verify(2)": 12.0, "verify(3)": 13.0, "verify(4)": 20.0,
+             "draft fan(2)": 1.5, "draft fan(3)": 1.5, "verify fan(3)": 12.5, "verify fan(4)": 14.0}
+    rows = predict_shapes(costs, [0.5, 0.3, 0.2], 3)
     # τ(k) = 1.5, 1.8, 2.0; step = 14, 16, 24 (draft + verify + commit); speedup = τ·10/step
+    assert [(r["shape"], r["drafted"]) for r in rows] == [("chain", 1), ("chain", 2), ("chain", 3)]
     assert [r["tau"] for r in rows] == pytest.approx([1.5, 1.8, 2.0])
     assert [r["step_over_plain"] for r in rows] == pytest.approx([1.4, 1.6, 2.4])
     assert [r["speedup"] for r in rows] == pytest.approx([15 / 14, 18 / 16, 20 / 24])
     assert [r["tau_for_1.5x"] for r in rows] == pytest.approx([2.1, 2.4, 3.6])
-    assert best_chain_k(rows) == 2 and not any(r["verify_unpacked"] for r in rows)
+    best = best_shape(rows)
+    assert (best["shape"], best["drafted"]) == ("chain", 2) and not any(r["verify_unpacked"] for r in rows)
     # a verification through MKL's path that is cheaper is the one the prediction counts
-    rows = predict_chain({**costs, "verify(4), unpacked": 11.0, "verify(2), unpacked": 13.0}, [0.5, 0.3, 0.2], 3)
+    rows = predict_shapes({**costs, "verify(4), unpacked": 11.0, "verify(2), unpacked": 13.0}, [0.5, 0.3, 0.2], 3)
     assert [r["verify_unpacked"] for r in rows] == [False, False, True]
-    assert rows[2]["speedup"] == pytest.approx(20 / 15) and best_chain_k(rows) == 3
-    # a tie goes to the shorter chain; without acceptance only the costs are reported
-    assert best_chain_k([{"k": 1, "speedup": 1.2}, {"k": 2, "speedup": 1.2}]) == 1
-    assert predict_chain(costs, [], 2)[1]["speedup"] is None
+    assert rows[2]["speedup"] == pytest.approx(20 / 15) and best_shape(rows)["drafted"] == 3
+    # fans: τ(w) from the score's fan τ (w = 1 is the chain of 1); step = 1.5 + 12.5 + 1 = 15, 1.5 + 14 + 1 = 16.5
+    rows = predict_shapes(costs, [0.5, 0.3, 0.2], 2, fan_taus=[1.5, 1.8, 1.9], max_fan=3)
+    assert [(r["shape"], r["drafted"]) for r in rows] == [("chain", 1), ("chain", 2), ("fan", 2), ("fan", 3)]
+    assert [r["speedup"] for r in rows[2:]] == pytest.approx([18 / 15, 19 / 16.5])
+    assert (best_shape(rows)["shape"], best_shape(rows)["drafted"]) == ("fan", 2)  # 1.2x beats chain k=2's 1.125x
+    assert settings_for(best_shape(rows)) == {"mode": "tree", "tree_depth": 1, "tree_topk": 2, "tree_total_tokens": 3}
+    assert settings_for(rows[1]) == {"mode": "chain", "num_draft_tokens": 2}
+    # a tie goes to the fewer drafted tokens, then to the chain; without acceptance only costs are reported
+    tie = [{"shape": "fan", "drafted": 2, "speedup": 1.2}, {"shape": "chain", "drafted": 2, "speedup": 1.2},
+           {"shape": "chain", "drafted": 1, "speedup": 1.2}]
+    assert best_shape(tie) is tie[2] and best_shape(tie[:2]) is tie[1]
+    assert predict_shapes(costs, [], 2, [], 3)[3]["speedup"] is None
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -290,15 +302,18 @@ def test_measured_parts_leave_the_caches_as_they_were(packed):
     if packed:
         assert pack_linears(target) and pack_linears(draft)
     ids = torch.randint(3, 256, (1, 20))
-    costs = measure_costs(target, draft, ids, max_k=3, repeats=2, warmup=1, unmasked=True)
-    unpacked = {f"verify({k}), unpacked" for k in (2, 3, 4)} if packed else set()
-    assert set(costs) == {"plain", "commit", *(f"draft({k})" for k in (1, 2, 3)), *unpacked,
-                          *(f"verify({k})" for k in (2, 3, 4)), *(f"verify({k}), no mask" for k in (2, 3, 4))}
+    costs = measure_costs(target, draft, ids, max_k=3, max_fan=3, repeats=2, warmup=1, unmasked=True)
+    verifications = {*(f"verify({k})" for k in (2, 3, 4)), "verify fan(3)", "verify fan(4)"}
+    unpacked = {f"{name}, unpacked" for name in verifications} if packed else set()
+    assert set(costs) == {"plain", "commit", *(f"draft({k})" for k in (1, 2, 3)), "draft fan(2)", "draft fan(3)",
+                          *verifications, *unpacked, *(f"verify({k}), no mask" for k in (2, 3, 4))}
     assert all(seconds > 0 for seconds in costs.values())
     step = ChainStep(target, draft, ids)
     with torch.inference_mode():
-        first = step.chain(3)
-        step.plain(), step.verify(first), step.commit()
+        first, fan = step.chain(3), step.fan(3)
+        assert fan.depths.tolist() == [1, 1, 1] and fan.parents.tolist() == [-1, -1, -1]
+        assert fan.tokens[0] == first.tokens[0]  # the fan's best guess is the chain's first
+        step.plain(), step.verify(first), step.verify(fan), step.commit()
         again = step.chain(3)  # the same prefix gives the same chain: nothing was left in either cache
     assert torch.equal(first.tokens, again.tokens)
     assert all(layer.keys.shape[2] == 20 for layer in step.cache.layers)
@@ -306,39 +321,59 @@ def test_measured_parts_leave_the_caches_as_they_were(packed):
         assert {m.min_packed_rows for m in target.modules() if hasattr(m, "min_packed_rows")} == {2}
 
 
-def test_eval_decodes_with_the_k_its_cost_model_chose(saved, tmp_path):
-    from baldeagle.decode.cost import best_chain_k
+@pytest.mark.parametrize("fans", [[], [1.6, 1.9, 1.95]])
+def test_eval_decodes_with_the_shape_its_cost_model_chose(saved, tmp_path, fans):
+    from baldeagle.decode.cost import best_shape, settings_for
 
     score = tmp_path / "score.json"
-    score.write_text(json.dumps({"per_position_acceptance": [0.6, 0.3, 0.1]}))
-    result = run_eval(config(saved, tmp_path, mode="chain", num_draft_tokens=4, choose_k_from=str(score),
+    score.write_text(json.dumps({"per_position_acceptance": [0.6, 0.3, 0.1], "fan_acceptance_length": fans}))
+    result = run_eval(config(saved, tmp_path, mode="chain", num_draft_tokens=4, choose_shape_from=str(score),
                              prompt_lookup=False))
-    choice = result["chain_k_choice"]
+    choice = result["shape_choice"]
     rows, costs = choice["predicted"], choice["costs_seconds"]
-    assert len(rows) == 3  # at most the score's own k
+    assert [(r["shape"], r["drafted"]) for r in rows] == [("chain", 1), ("chain", 2), ("chain", 3)] + [
+        ("fan", w) for w in range(2, len(fans) + 1)]  # chains up to the score's own k, fans as wide as it measured
     for row in rows:  # the prediction recomputed from the recorded costs
-        verify = min(costs[f"verify({row['k'] + 1})"], costs[f"verify({row['k'] + 1}), unpacked"])
-        step = costs[f"draft({row['k']})"] + verify + costs["commit"]
-        assert row["speedup"] == pytest.approx((1 + sum([0.6, 0.3, 0.1][:row["k"]])) * costs["plain"] / step)
-    k = choice["chosen_k"]
-    assert k == best_chain_k(rows)
-    assert all(f"verify({r['k'] + 1}), unpacked" in costs for r in rows)  # eval's float32 target is packed
-    # ...and the decoding ran with that k, still exact
-    assert result["settings"]["tree_shape"] == [k, 1, k + 1] and len(result["per_position_acceptance"]) == k
+        n, fan = row["drafted"], row["shape"] == "fan"
+        verify_name = f"verify fan({n + 1})" if fan else f"verify({n + 1})"
+        verify = min(costs[verify_name], costs[f"{verify_name}, unpacked"])  # eval's float32 target is packed
+        step = costs[f"draft fan({n})" if fan else f"draft({n})"] + verify + costs["commit"]
+        tau = fans[n - 1] if fan else 1 + sum([0.6, 0.3, 0.1][:n])
+        assert row["speedup"] == pytest.approx(tau * costs["plain"] / step)
+    best = best_shape(rows)
+    assert (choice["shape"], choice["drafted"]) == (best["shape"], best["drafted"])
+    # ...and the decoding ran with that shape, still exact
+    shape = settings_for(best)
+    expected = [best["drafted"], 1, best["drafted"] + 1] if shape["mode"] == "chain" else [1, best["drafted"], best["drafted"] + 1]
+    assert result["settings"]["tree_shape"] == expected
     assert result["outputs_match_baseline"] is True
-    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["chain_k_choice"]["chosen_k"] == k
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["shape_choice"]["chosen"] == choice["chosen"]
+
+
+def test_eval_decodes_a_fan_when_it_pays(saved, tmp_path):
+    """A score whose fans accept far more than its chains: the chosen shape is a fan, decoded as a
+    depth-1 tree of its width, exact."""
+    score = tmp_path / "score.json"
+    score.write_text(json.dumps({"per_position_acceptance": [0.05], "fan_acceptance_length": [1.05, 1.9]}))
+    result = run_eval(config(saved, tmp_path, mode="chain", num_draft_tokens=1, choose_shape_from=str(score),
+                             prompt_lookup=False))
+    assert result["shape_choice"]["chosen"] == "fan w=2"
+    assert result["settings"]["tree_shape"] == [1, 2, 3] and result["outputs_match_baseline"] is True
+    assert "fan w=2 (chosen from measured costs)" in _table(result)
 
 
 @pytest.mark.parametrize("content,overrides,error,match", [
-    (None, dict(mode="chain"), FileNotFoundError, "choose_k_from: .* not found"),
+    (None, dict(mode="chain"), FileNotFoundError, "choose_shape_from: .* not found"),
     ("{}", dict(mode="chain"), ValueError, "not a `baldeagle score` result"),
     ('{"per_position_acceptance": [1.5]}', dict(mode="chain"), ValueError, "shares in"),
+    ('{"per_position_acceptance": [0.5], "fan_acceptance_length": [0.5]}', dict(mode="chain"), ValueError,
+     "fan_acceptance_length must be"),
     ('{"per_position_acceptance": [0.5]}', dict(mode="tree"), ValueError, "needs mode chain"),
 ])
-def test_choose_k_from_bad_score_fails_before_decoding(saved, tmp_path, content, overrides, error, match):
+def test_choose_shape_from_bad_score_fails_before_decoding(saved, tmp_path, content, overrides, error, match):
     score = tmp_path / "score.json"
     if content is not None:
         score.write_text(content)
     with pytest.raises(error, match=match):
-        run_eval(config(saved, tmp_path, choose_k_from=str(score), **overrides))
+        run_eval(config(saved, tmp_path, choose_shape_from=str(score), **overrides))
     assert not (tmp_path / "eval").exists()

@@ -94,6 +94,31 @@ def test_walk_equals_chain_decoding_step_for_step(draft_type, k):
                                                                for i in range(k)])
 
 
+@pytest.mark.parametrize("draft_type", ["eagle3", "eagle1"])
+def test_fan_walk_equals_depth_one_tree_decoding_step_for_step(draft_type):
+    """A fan of w first guesses, walked through the answer, accepts exactly what tree decoding with
+    depth 1 and top-w accepts; width 1 is chain k = 1."""
+    target = tiny_target("llama")
+    draft = train_tiny_draft(target, draft_type, steps=50)  # half-trained: the 2nd and 3rd guesses matter
+    prompts, length = random_prompts(6, seed=11), 40
+    answers, features = _answers_and_features(target, draft, prompts, length)
+    stick = Yardstick(answers, features, length, stop=())
+    ranks = stick.fan_ranks(draft, 3, batch_size=4)
+    taus = stick.fan_acceptance_lengths(draft, 3, batch_size=4)
+    for width in (1, 2, 3):
+        settings = SpecSettings(mode="tree", tree_depth=1, tree_topk=width, tree_total_tokens=width + 1,
+                                max_new_tokens=length)
+        steps = []
+        for ids, item, rank in zip(prompts, answers, ranks):
+            decoded = speculative_generate(target, draft, ids, settings).accepted
+            assert chain_walk([int(0 <= r < width) for r in rank], len(item.prompt), item.answer, length,
+                              set()) == decoded
+            steps += decoded
+        assert taus[width - 1] == pytest.approx(1 + sum(steps) / len(steps))
+    assert taus[0] < taus[1] < taus[2]  # the wider fans accepted more: ranks 1 and 2 were exercised
+    assert taus[0] == pytest.approx(stick.score(draft, 1)["acceptance_length"])
+
+
 EAGLE31 = [dict(fc_norm=True, feed_normed_hidden=True), dict(norm_before_fc=True, feed_normed_hidden=True)]
 
 
@@ -230,6 +255,7 @@ def test_training_logs_the_yardstick_and_score_agrees(saved, cache, tmp_path):
                  "--out", str(tmp_path / "score")]) == 0
     result = json.loads((tmp_path / "score" / "score.json").read_text())
     assert result["acceptance_length"] == pytest.approx(metrics["eval_prompts_tau"])
+    assert result["fan_acceptance_length"] == pytest.approx([metrics[f"eval_prompts_fan_tau_w{w}"] for w in (1, 2, 3, 4)])
     assert result["num_prompts"] == 3 and set(result["per_category"]) == {"chat", "math"}
 
 

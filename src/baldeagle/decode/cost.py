@@ -1,25 +1,30 @@
-"""What a chain decoding step costs on this machine, and the chain length k it pays best to draft.
+"""What a decoding step costs on this machine, and the draft shape it pays best to use: a chain of k
+tokens or a depth-1 fan of the draft's w best first guesses.
 
 Speculative decoding only pays when the tokens a step yields (τ) outweigh what the step costs
 against one plain decoding step. Both sides depend on the machine: on a GPU verifying 8 tokens
-costs about one plain step, on a 2-core CPU verifying 4 can cost 1.6x. So the chain's k is chosen
+costs about one plain step, on a 2-core CPU verifying 4 can cost 1.6x. So the shape is chosen
 from measurements, not fixed:
 
 - `measure_costs` times, on the target and draft exactly as `speculative_generate` runs them
-  (same cache, tree mask, positions and feature layers), each part of a chain step on a real
-  prefix: one plain step, drafting a chain of k, verifying the root and k drafted tokens, and the
-  draft reading the 2 rows a step commits; the median of interleaved rounds, so a burst of load
-  hits every part alike;
-- `predict_chain` turns per-position acceptance (share of steps accepting more than i tokens, as
-  `baldeagle score` measures it at its k) into τ(k) = 1 + Σ_{i<k} acceptance[i] and the speedup
-  τ(k) · plain / (draft(k) + verify(k + 1) + commit) for every k;
-- `best_chain_k` picks the k with the highest predicted speedup (the shorter on a tie).
+  (same cache, tree mask, positions and feature layers), each part of a step on a real prefix:
+  one plain step, drafting a chain of k (or a fan of w), verifying the root and the drafted tokens,
+  and the draft reading the 2 rows a step commits; the median of interleaved rounds, so a burst of
+  load hits every part alike;
+- `predict_shapes` turns acceptance into τ and the speedup τ · plain / (draft + verify + commit) for
+  every shape. A chain's τ(k) = 1 + Σ_{i<k} acceptance[i], from per-position acceptance (share of
+  steps accepting more than i tokens, as `baldeagle score` measures it at its k); a fan's τ(w) is
+  the score's `fan_acceptance_length` (a fan accepts at most one token, but a second or third guess
+  often is the one: a draft whose later chain guesses are rarely right can gain more from a wider
+  first step than from a longer chain);
+- `best_shape` picks the shape with the highest predicted speedup (on a tie, the fewer drafted
+  tokens, a chain before a fan).
 
 On a CPU, `eval` pre-packs the float32 linear weights (`baldeagle.model.packed`): a forward over
 many rows then costs little more than one, but for 2-3 rows MKL's own path can be faster (one 2-core
 Xeon: verifying 2 tokens 1.45x a plain step packed, 1.11x through MKL). With a packed target the
 verifications are also timed through MKL's path, the prediction takes the faster of the two for
-each k, and `apply_choice` sets the target to decode that way.
+each shape, and `apply_choice` sets the target to decode that way.
 
 τ(k) from acceptance measured at a larger k is an approximation: a chain of k tokens restarts from
 other positions than one of k' > k, but the share of steps accepting more than i tokens barely
@@ -47,7 +52,7 @@ def _timed(fn) -> float:
 
 
 class ChainStep:
-    """The parts of one chain step on a fixed prefix [1, n]; each call leaves both caches as it found them."""
+    """The parts of one chain (or fan) step on a fixed prefix [1, n]; each call leaves both caches as it found them."""
 
     def __init__(self, target, draft, input_ids: torch.Tensor):
         self.target, self.draft, self.n = target, draft, input_ids.shape[1]
@@ -68,6 +73,11 @@ class ChainStep:
 
     def chain(self, k: int):
         tree = draft_tree(self.draft, self.root_hidden, self.draft_cache, self.n, (k, 1, k + 1))
+        self.draft_cache.crop(self.n)
+        return tree
+
+    def fan(self, width: int):
+        tree = draft_tree(self.draft, self.root_hidden, self.draft_cache, self.n, (1, width, width + 1))
         self.draft_cache.crop(self.n)
         return tree
 
@@ -93,22 +103,25 @@ class ChainStep:
 
 
 @torch.inference_mode()
-def measure_costs(target, draft, input_ids: torch.Tensor, max_k: int, repeats: int = 10, warmup: int = 2,
-                  unmasked: bool = False) -> dict[str, float]:
-    """Median seconds of each part of a chain step for k = 1..max_k (keys "plain", "commit",
-    "draft(k)", "verify(k+1)", with a packed target "verify(k+1), unpacked", and with `unmasked`
-    "verify(k+1), no mask"), parts interleaved per round."""
+def measure_costs(target, draft, input_ids: torch.Tensor, max_k: int, max_fan: int = 1, repeats: int = 10,
+                  warmup: int = 2, unmasked: bool = False) -> dict[str, float]:
+    """Median seconds of each part of a step, parts interleaved per round: "plain", "commit", and per
+    chain k = 1..max_k "draft(k)" and "verify(k+1)", per fan width w = 2..max_fan "draft fan(w)" and
+    "verify fan(w+1)" (a fan of 1 is a chain of 1); with a packed target each verification also
+    through MKL's path (suffix ", unpacked"), with `unmasked` each chain's also without its mask."""
     step = ChainStep(target, draft, input_ids)
     packed = any(isinstance(m, PackedLinear) for m in target.modules())
-    trees = {k: step.chain(k) for k in range(1, max_k + 1)}
+    trees = {f"verify({k + 1})": step.chain(k) for k in range(1, max_k + 1)}
+    trees |= {f"verify fan({w + 1})": step.fan(w) for w in range(2, max_fan + 1)}
     parts = {"plain": step.plain, "commit": step.commit}
-    for k in range(1, max_k + 1):
-        parts[f"draft({k})"] = lambda k=k: step.chain(k)
-        parts[f"verify({k + 1})"] = lambda k=k: step.verify(trees[k])
+    parts |= {f"draft({k})": lambda k=k: step.chain(k) for k in range(1, max_k + 1)}
+    parts |= {f"draft fan({w})": lambda w=w: step.fan(w) for w in range(2, max_fan + 1)}
+    for name, tree in trees.items():
+        parts[name] = lambda tree=tree: step.verify(tree)
         if packed:
-            parts[f"verify({k + 1}){UNPACKED}"] = lambda k=k: step.verify(trees[k], packed=False)
-        if unmasked:
-            parts[f"verify({k + 1}), no mask"] = lambda k=k: step.verify(trees[k], mask=False)
+            parts[name + UNPACKED] = lambda tree=tree: step.verify(tree, packed=False)
+        if unmasked and not name.startswith("verify fan"):
+            parts[name + ", no mask"] = lambda tree=tree: step.verify(tree, mask=False)
     times: dict[str, list[float]] = {name: [] for name in parts}
     for round_ in range(warmup + repeats):
         for name, part in parts.items():
@@ -118,42 +131,62 @@ def measure_costs(target, draft, input_ids: torch.Tensor, max_k: int, repeats: i
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def predict_chain(costs: dict[str, float], acceptance: list[float], max_k: int) -> list[dict]:
-    """Per k = 1..max_k: the step's cost over a plain step, τ(k) and the predicted speedup (τ and the
-    speedup are None without acceptance), and the τ a draft needs for 1.0x and 1.5x at that k."""
-    rows, plain = [], costs["plain"]
-    for k in range(1, max_k + 1):
-        verify, unpacked = costs[f"verify({k + 1})"], costs.get(f"verify({k + 1}){UNPACKED}")
-        use_unpacked = unpacked is not None and unpacked < verify
-        step = costs[f"draft({k})"] + (unpacked if use_unpacked else verify) + costs["commit"]
-        tau = 1 + sum(acceptance[:k]) if acceptance else None
-        rows.append({"k": k, "verify_unpacked": use_unpacked, "step_over_plain": step / plain, "tau": tau,
-                     "speedup": tau * plain / step if tau else None,
-                     "tau_for_1.0x": step / plain, "tau_for_1.5x": 1.5 * step / plain})
+def _shape_row(costs: dict[str, float], shape: str, drafted: int, draft_part: str, verify_part: str,
+               tau: float | None) -> dict:
+    verify, unpacked = costs[verify_part], costs.get(verify_part + UNPACKED)
+    use_unpacked = unpacked is not None and unpacked < verify
+    step = costs[draft_part] + (unpacked if use_unpacked else verify) + costs["commit"]
+    plain = costs["plain"]
+    return {"shape": shape, "drafted": drafted, "verify_unpacked": use_unpacked, "step_over_plain": step / plain,
+            "tau": tau, "speedup": tau * plain / step if tau else None,
+            "tau_for_1.0x": step / plain, "tau_for_1.5x": 1.5 * step / plain}
+
+
+def predict_shapes(costs: dict[str, float], acceptance: list[float], max_k: int,
+                   fan_taus: list[float] | None = None, max_fan: int = 1) -> list[dict]:
+    """Per chain k = 1..max_k, then per fan w = 2..max_fan (τ(w) = fan_taus[w - 1]): the step's cost
+    over a plain step, τ and the predicted speedup (None without acceptance), and the τ a draft needs
+    for 1.0x and 1.5x with that shape."""
+    rows = [_shape_row(costs, "chain", k, f"draft({k})", f"verify({k + 1})", 1 + sum(acceptance[:k]) if acceptance else None)
+            for k in range(1, max_k + 1)]
+    rows += [_shape_row(costs, "fan", w, f"draft fan({w})", f"verify fan({w + 1})", fan_taus[w - 1] if fan_taus else None)
+             for w in range(2, max_fan + 1)]
     return rows
 
 
-def best_chain_k(rows: list[dict]) -> int:
-    """The k of the highest predicted speedup; the shorter chain on a tie (it costs less to be wrong)."""
-    return max(rows, key=lambda r: (round(r["speedup"], 9), -r["k"]))["k"]
+def best_shape(rows: list[dict]) -> dict:
+    """The row of the highest predicted speedup; on a tie the fewer drafted tokens (it costs less to be
+    wrong), a chain before a fan."""
+    return max(rows, key=lambda r: (round(r["speedup"], 9), -r["drafted"], r["shape"] == "chain"))
+
+
+def settings_for(row: dict) -> dict:
+    """`SpecSettings` fields that decode with `row`'s shape (a fan is a tree of depth 1)."""
+    if row["shape"] == "chain":
+        return {"mode": "chain", "num_draft_tokens": row["drafted"]}
+    return {"mode": "tree", "tree_depth": 1, "tree_topk": row["drafted"], "tree_total_tokens": row["drafted"] + 1}
 
 
 def apply_choice(target, row: dict) -> None:
-    """Decode as predicted for `row`'s k: a verification of k + 1 rows through MKL's path or packed."""
-    set_min_packed_rows(target, row["k"] + 2 if row["verify_unpacked"] else 2)
+    """Decode as predicted for `row`: its verification of drafted + 1 rows through MKL's path or packed."""
+    set_min_packed_rows(target, row["drafted"] + 2 if row["verify_unpacked"] else 2)
+
+
+def shape_name(row: dict) -> str:
+    return f"{row['shape']} {'k' if row['shape'] == 'chain' else 'w'}={row['drafted']}"
 
 
 def format_costs(costs: dict[str, float], rows: list[dict]) -> str:
-    """Markdown: each part's median and its ratio to a plain step, then the per-k prediction."""
+    """Markdown: each part's median and its ratio to a plain step, then the per-shape prediction."""
     plain = costs["plain"]
     lines = ["| part | median ms | / plain step |", "|---|---|---|"]
     lines += [f"| {name} | {1000 * s:.1f} | {s / plain:.2f} |" for name, s in costs.items()]
-    lines += ["", "| k | verification | chain step / plain step | τ(k) | predicted speedup | τ for 1.0x | τ for 1.5x |",
+    lines += ["", "| shape | verification | step / plain step | τ | predicted speedup | τ for 1.0x | τ for 1.5x |",
               "|---|---|---|---|---|---|---|"]
     for r in rows:
         tau = f"{r['tau']:.3f}" if r["tau"] else "-"
         speedup = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
         path = "MKL" if r["verify_unpacked"] else "packed"
-        lines.append(f"| {r['k']} | {path} | {r['step_over_plain']:.2f} | {tau} | {speedup} | {r['tau_for_1.0x']:.2f} | "
-                     f"{r['tau_for_1.5x']:.2f} |")
+        lines.append(f"| {shape_name(r)} | {path} | {r['step_over_plain']:.2f} | {tau} | {speedup} | "
+                     f"{r['tau_for_1.0x']:.2f} | {r['tau_for_1.5x']:.2f} |")
     return "\n".join(lines)

@@ -261,8 +261,8 @@ class Session:
     warnings: list[str]
     pad_id: int
     packed: bool
-    acceptance: list[float] | None = None  # per-position acceptance from choose_k_from's score.json
-    k_choice: dict | None = None  # the measured costs and per-k prediction that chose the chain's k
+    acceptance: dict | None = None  # chain and fan acceptance from choose_shape_from's score.json
+    shape_choice: dict | None = None  # the measured costs and per-shape prediction that chose the shape
 
     def decoders(self) -> dict:
         """name → decode(ids, settings, generator), in the order of a turn's first timing repeat."""
@@ -281,7 +281,7 @@ def _load(cfg: EvalConfig) -> Session:
     from baldeagle.targets import load_target, load_tokenizer, stop_token_ids, target_config_or_none
 
     _settings(cfg)  # bad k / top_p / temperature fail here, before anything loads
-    acceptance = read_score_acceptance(cfg) if cfg.choose_k_from else None
+    acceptance = read_score_acceptance(cfg) if cfg.choose_shape_from else None
     target_config = target_config_or_none(cfg.model)  # None: a hub id offline (check_compatible checks later)
     if target_config is not None:
         check_full_attention(target_config, cfg.model)
@@ -310,39 +310,47 @@ def _load(cfg: EvalConfig) -> Session:
     return Session(cfg, settings, prompts, target, draft, tokenizer, warnings, pad_id, packed, acceptance)
 
 
-def read_score_acceptance(cfg: EvalConfig) -> list[float]:
-    """The per-position acceptance in `choose_k_from` (a `baldeagle score` result), checked."""
+def read_score_acceptance(cfg: EvalConfig) -> dict:
+    """From `choose_shape_from` (a `baldeagle score` result), checked: the chain's per-position
+    acceptance and, if the score has it, the fans' τ ([] for a score written before fans were scored)."""
     if cfg.mode != "chain":
-        raise ValueError(f"choose_k_from picks a chain's k: it needs mode chain, got mode {cfg.mode!r}")
-    path = Path(cfg.choose_k_from)
+        raise ValueError(f"choose_shape_from picks a chain's k or a fan's width: it needs mode chain, got mode {cfg.mode!r}")
+    path = Path(cfg.choose_shape_from)
     if not path.is_file():
-        raise FileNotFoundError(f"choose_k_from: {path} not found (a score.json written by `baldeagle score`)")
+        raise FileNotFoundError(f"choose_shape_from: {path} not found (a score.json written by `baldeagle score`)")
     try:
-        acceptance = json.loads(path.read_text())["per_position_acceptance"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ValueError(f"choose_k_from: {path} is not a `baldeagle score` result ({error!r})") from None
+        score = json.loads(path.read_text())
+        acceptance, fans = score["per_position_acceptance"], score.get("fan_acceptance_length", [])
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"choose_shape_from: {path} is not a `baldeagle score` result ({error!r})") from None
     if not acceptance or not all(isinstance(a, (int, float)) and 0 <= a <= 1 for a in acceptance):
-        raise ValueError(f"choose_k_from: {path}: per_position_acceptance must be shares in [0, 1], got {acceptance!r}")
-    return [float(a) for a in acceptance]
+        raise ValueError(f"choose_shape_from: {path}: per_position_acceptance must be shares in [0, 1], got {acceptance!r}")
+    if not isinstance(fans, list) or not all(isinstance(t, (int, float)) and 1 <= t <= 2 for t in fans):
+        raise ValueError(f"choose_shape_from: {path}: fan_acceptance_length must be τ values in [1, 2], got {fans!r}")
+    return {"per_position": [float(a) for a in acceptance], "fans": [float(t) for t in fans]}
 
 
-def choose_chain_k(session: Session) -> None:
-    """Measure a chain step's parts on the first prompt, predict each k's speedup from the score's
-    acceptance, and decode with the best k (at most num_draft_tokens and the score's own k)."""
-    from baldeagle.decode.cost import apply_choice, best_chain_k, measure_costs, predict_chain
+def choose_shape(session: Session) -> None:
+    """Measure a step's parts on the first prompt, predict each shape's speedup from the score's
+    acceptance (chains up to num_draft_tokens and the score's own k, fans as wide as the score
+    measured), and decode with the best."""
+    from baldeagle.decode.cost import apply_choice, best_shape, measure_costs, predict_shapes, settings_for, shape_name
 
-    max_k = min(session.cfg.num_draft_tokens, len(session.acceptance))
+    acceptance = session.acceptance
+    max_k = min(session.cfg.num_draft_tokens, len(acceptance["per_position"]))
+    max_fan = len(acceptance["fans"])
     ids = render(session.tokenizer, session.prompts[0], [], 0)
-    costs = measure_costs(session.target, session.draft, ids, max_k)
-    rows = predict_chain(costs, session.acceptance, max_k)
-    k = best_chain_k(rows)
-    apply_choice(session.target, rows[k - 1])
-    session.settings = dataclasses.replace(session.settings, num_draft_tokens=k)
-    session.k_choice = {"score": session.cfg.choose_k_from, "chosen_k": k, "costs_seconds": costs,
-                        "context_tokens": ids.shape[1], "predicted": rows}
-    logger.info("chain k = %d (verification %s): predicted speedup %s", k,
-                "through MKL" if rows[k - 1]["verify_unpacked"] else "packed",
-                ", ".join(f"k={r['k']} {r['speedup']:.2f}x" for r in rows))
+    costs = measure_costs(session.target, session.draft, ids, max_k, max_fan)
+    rows = predict_shapes(costs, acceptance["per_position"], max_k, acceptance["fans"], max_fan)
+    best = best_shape(rows)
+    apply_choice(session.target, best)
+    session.settings = dataclasses.replace(session.settings, **settings_for(best))
+    session.shape_choice = {"score": session.cfg.choose_shape_from, "chosen": shape_name(best), "shape": best["shape"],
+                            "drafted": best["drafted"], "costs_seconds": costs, "context_tokens": ids.shape[1],
+                            "predicted": rows}
+    logger.info("%s (verification %s): predicted speedup %s", shape_name(best),
+                "through MKL" if best["verify_unpacked"] else "packed",
+                ", ".join(f"{shape_name(r)} {r['speedup']:.2f}x" for r in rows))
 
 
 def _warm_up(session: Session) -> None:
@@ -434,8 +442,8 @@ def _write(session: Session, records: list[dict]) -> dict:
         "draft_type": session.draft.config.draft_type, "draft_vocab_size": session.draft.config.draft_vocab_size,
         "torch_threads": torch.get_num_threads(), "packed_linear_weights": session.packed,
     }
-    if session.k_choice:
-        result["chain_k_choice"] = session.k_choice
+    if session.shape_choice:
+        result["shape_choice"] = session.shape_choice
     result["warnings"] = session.warnings
     result["turns"] = records
     result["provenance"] = provenance()
@@ -453,7 +461,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     session = _load(cfg)
     _warm_up(session)
     if session.acceptance:
-        choose_chain_k(session)
+        choose_shape(session)
     return _write(session, _decode_all(session))
 
 
@@ -467,9 +475,12 @@ def format_table(result: dict) -> str:
         return "-" if value is None else fmt.format(value)
 
     s = result["settings"]
-    chosen = " (chosen from measured costs)" if result.get("chain_k_choice") else ""
-    shape = f"chain k={s['tree_shape'][0]}{chosen}" if s["mode"] == "chain" else (
-        f"tree depth={s['tree_depth']} topk={s['tree_topk']} tokens={s['tree_total_tokens']}")
+    if result.get("shape_choice"):
+        shape = f"{result['shape_choice']['chosen']} (chosen from measured costs)"
+    elif s["mode"] == "chain":
+        shape = f"chain k={s['tree_shape'][0]}"
+    else:
+        shape = f"tree depth={s['tree_depth']} topk={s['tree_topk']} tokens={s['tree_total_tokens']}"
     lines = [
         f"{result['num_prompts']} prompts, {result['num_turns']} turns, {shape}, temperature {s['temperature']}",
         f"  acceptance length τ      {num(result['acceptance_length'])}",

@@ -3,7 +3,8 @@
 The target answers the prompts once (cached); every later score of any draft for that target is
 one target forward for the features and one k-step draft pass per answer. `score.json` holds the
 acceptance part of eval.json's keys (acceptance_length, per_position_acceptance, per_category,
-num_prompts) plus `acceptance_length_every_position` (every answer position as a chain start).
+num_prompts) plus `acceptance_length_every_position` (every answer position as a chain start) and
+`fan_acceptance_length` (τ of a depth-1 fan of the draft's 1..4 best first guesses).
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ def format_score(result: dict) -> str:
              f"target's greedy answers ({result['verification_steps']} verification steps)",
              f"  acceptance length τ      {result['acceptance_length']:.3f}",
              "  per-position acceptance  " + " ".join(f"{a:.2f}" for a in result["per_position_acceptance"]),
-             f"  τ at every position      {result['acceptance_length_every_position']:.3f}"]
+             f"  τ at every position      {result['acceptance_length_every_position']:.3f}",
+             "  fan of w first guesses   " + " ".join(f"w={w} τ {t:.3f}" for w, t in
+                                                   enumerate(result["fan_acceptance_length"], 1))]
     for name, row in result["per_category"].items():
         lines.append(f"    {name:<12} τ {row['acceptance_length']:.3f}  ({row['prompts']} prompts)")
     return "\n".join(lines)

@@ -9,6 +9,11 @@ k-step rollout (`rollout_predictions`) over the target's features of prompt + an
 those accepted runs the way `speculative_generate` steps through an answer gives the acceptance
 lengths chain decoding measures, step for step (`chain_walk`).
 
+The same walk measures a depth-1 fan (a tree of the draft's w best first guesses, one verification
+of w + 1 tokens): a step accepts one token when the answer's next token is among them
+(`fan_acceptance_lengths`). On a CPU where verifying a few tokens costs little more than one, a fan
+can pay better than a chain whose later guesses are rarely right.
+
 Where it can differ from `baldeagle eval` (chain): the target's features come from one forward
 over the whole answer instead of the verification forwards (float rounding), and a chain that runs
 past a stop token is cut there.
@@ -31,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 LOOKAHEAD = 8  # answers run this many tokens past max_new_tokens, so a last chain is checked in full
 MAX_CHAIN = LOOKAHEAD
+MAX_FAN = 4  # score.json's fan_acceptance_length: τ of a depth-1 fan of 1..MAX_FAN drafted tokens
 
 
 @dataclass
@@ -152,13 +158,9 @@ class Yardstick:
         self.answers, self.features = answers, features  # features[i]: [T_i, F], prompt + answer
         self.max_new_tokens, self.stop = max_new_tokens, set(stop)
 
-    @torch.no_grad()
-    def runs(self, draft, k: int, batch_size: int = 8) -> list[list[int]]:
-        """Per answer, the accepted run of the draft's k-token chain at every row."""
-        from baldeagle.train.ttt import rollout_predictions
-
+    def _batches(self, draft, batch_size: int):
+        """Answers in padded batches: (sequences, ids [B, T], features, rows a step starts on, mask)."""
         param = next(draft.parameters())
-        out = []
         for start in range(0, len(self.answers), batch_size):
             batch = range(start, min(start + batch_size, len(self.answers)))
             seqs = [torch.tensor(self.answers[i].prompt + self.answers[i].answer) for i in batch]
@@ -169,11 +171,46 @@ class Yardstick:
             for j, (i, seq) in enumerate(zip(batch, seqs)):
                 ids[j, :len(seq)], mask[j, :len(seq)] = seq, True
                 feats[j, :len(seq)] = self.features[i]
-                rows[j, len(self.answers[i].prompt) - 1:len(seq) - 1] = True  # the rows a chain starts on
-            guesses = rollout_predictions(draft, ids.to(param.device), feats.to(param.device), k,
-                                          rows.to(param.device), mask.to(param.device)).cpu()
+                rows[j, len(self.answers[i].prompt) - 1:len(seq) - 1] = True  # the rows a step starts on
+            yield seqs, ids.to(param.device), feats.to(param.device), rows.to(param.device), mask.to(param.device)
+
+    @torch.no_grad()
+    def runs(self, draft, k: int, batch_size: int = 8) -> list[list[int]]:
+        """Per answer, the accepted run of the draft's k-token chain at every row."""
+        from baldeagle.train.ttt import rollout_predictions
+
+        out = []
+        for seqs, ids, feats, rows, mask in self._batches(draft, batch_size):
+            guesses = rollout_predictions(draft, ids, feats, k, rows, mask).cpu()
             out += [accepted_runs(guesses[j, :, :len(seq)], seq).tolist() for j, seq in enumerate(seqs)]
         return out
+
+    @torch.no_grad()
+    def fan_ranks(self, draft, width: int, batch_size: int = 8) -> list[list[int]]:
+        """Per answer and row, where the next answer token stands among the draft's `width` best first
+        guesses (0 = its top choice; -1 = not among them): a fan of w accepts one token iff 0 <= rank < w."""
+        from baldeagle.train.ttt import first_step_candidates
+
+        out = []
+        for seqs, ids, feats, rows, mask in self._batches(draft, batch_size):
+            candidates = first_step_candidates(draft, ids, feats, width, rows, mask).cpu()  # [B, w, T]
+            for j, seq in enumerate(seqs):
+                nxt = torch.full((len(seq),), -2, dtype=seq.dtype)  # -2 matches no candidate
+                nxt[:max(len(seq) - 2, 0)] = seq[2:]
+                hit = candidates[j, :, :len(seq)] == nxt  # [w, T]: at most one hit per row
+                out.append(torch.where(hit.any(0), hit.long().argmax(0), -1).tolist())
+        return out
+
+    def fan_acceptance_lengths(self, draft, max_width: int, batch_size: int = 8) -> list[float]:
+        """τ of decoding with a depth-1 fan of w drafted tokens, for w = 1..max_width (w = 1 is chain k = 1)."""
+        ranks = self.fan_ranks(draft, max_width, batch_size)
+        taus = []
+        for width in range(1, max_width + 1):
+            steps = [s for item, rank in zip(self.answers, ranks)
+                     for s in chain_walk([int(0 <= r < width) for r in rank], len(item.prompt), item.answer,
+                                         self.max_new_tokens, self.stop)]
+            taus.append(_tau(steps))
+        return taus
 
     def score(self, draft, k: int = 3, batch_size: int = 8) -> dict:
         """Chain acceptance of `draft` with k drafted tokens: the keys of eval.json's acceptance part."""
@@ -185,7 +222,9 @@ class Yardstick:
             records.append({"category": item.category,
                             "steps": chain_walk(runs, len(item.prompt), item.answer, self.max_new_tokens, self.stop),
                             "every_row": runs[start:max(stop, start)]})
-        return summarise_runs(records, k)
+        result = summarise_runs(records, k)
+        result["fan_acceptance_length"] = self.fan_acceptance_lengths(draft, MAX_FAN, batch_size)
+        return result
 
 
 def _tau(steps: list[int]) -> float:
@@ -212,13 +251,16 @@ def summarise_runs(records: list[dict], k: int) -> dict:
 
 
 def metrics_for_log(result: dict, prefix: str) -> dict[str, float]:
-    """A score as flat log metrics: `{prefix}_tau`, `{prefix}_tau_<category>`, `{prefix}_acc_pos<i>`."""
+    """A score as flat log metrics: `{prefix}_tau`, `{prefix}_tau_<category>`, `{prefix}_acc_pos<i>`,
+    `{prefix}_fan_tau_w<w>`."""
     logs = {f"{prefix}_tau": result["acceptance_length"],
             f"{prefix}_tau_every_position": result["acceptance_length_every_position"]}
     for i, rate in enumerate(result["per_position_acceptance"]):
         logs[f"{prefix}_acc_pos{i + 1}"] = rate
     for name, row in result["per_category"].items():
         logs[f"{prefix}_tau_{name}"] = row["acceptance_length"]
+    for width, tau in enumerate(result.get("fan_acceptance_length", []), 1):
+        logs[f"{prefix}_fan_tau_w{width}"] = tau
     return logs
 
 

@@ -291,6 +291,21 @@ def rollout_predictions(draft, input_ids: torch.Tensor, features: torch.Tensor, 
     return out
 
 
+def first_step_candidates(draft, input_ids: torch.Tensor, features: torch.Tensor, width: int,
+                          rows: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The draft's `width` best first guesses from every row in `rows`, best first: the depth-1 fan a
+    tree decoder drafts there. Same inputs as `rollout_predictions` → [B, width, T] target token
+    ids: out[b, j, t] is the draft's j-th choice for x_{t+2} at row t, -1 where row t was not run."""
+    real, position_ids = real_and_positions(input_ids, attention_mask)
+    run = StepRows.where(rows & real)
+    (hidden,) = ttt_unroll(draft, input_ids, features, [run], real, position_ids)  # [B, M, H]
+    out = input_ids.new_full((input_ids.shape[0], width, input_ids.shape[1]), -1)
+    b_valid = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(run.index)[run.valid]
+    best = draft.to_target_ids(draft.logits(hidden).topk(width, dim=-1).indices)  # [B, M, width]
+    out[b_valid, :, run.index[run.valid]] = best[run.valid]  # [n, width] into [n, width]
+    return out
+
+
 def eagle1_forward(
     draft,
     input_ids: torch.Tensor,
