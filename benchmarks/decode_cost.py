@@ -9,9 +9,9 @@ cache of --context tokens (the first MT-bench question, tiled):
 - verify(n), no mask: the same without the (causal) mask, to see what the mask costs;
 - draft(k): drafting a chain of k tokens (`draft_tree`, shape (k, 1, k+1));
 - commit: the draft reading 2 new rows (one accepted token and the bonus).
-The models are measured as `baldeagle eval` runs them (float32 linear weights pre-packed;
---no-pack to compare). The measuring and the prediction are `baldeagle.decode.cost`, which
-`baldeagle eval --choose-shape-from score.json` uses to pick its chain's k or fan's width.
+The models are measured as `baldeagle eval` runs them (float32 linear weights pre-packed, one-row
+forwards through whichever path is faster here; --no-pack to compare). The measuring and the
+prediction are `baldeagle.decode.cost`, which `baldeagle eval --choose-shape-from score.json` uses to pick its chain's k or fan's width.
 With a `baldeagle score` result (--score score.json: per-position acceptance and fan τ), it predicts
 the speedup of each chain k and fan w: τ · plain / (draft + verify + commit), and the τ a draft needs
 for 1.0x and 1.5x with that shape. Prints a markdown table; writes --out (JSON).
@@ -30,7 +30,7 @@ import torch
 from baldeagle.data.prompts import load_prompt_set
 from baldeagle.decode.cost import format_costs, measure_costs, predict_shapes
 from baldeagle.model.checkpoint import load_draft
-from baldeagle.model.packed import pack_linears
+from baldeagle.model.packed import choose_single_row_path, pack_linears
 from baldeagle.targets import load_target, load_tokenizer
 
 
@@ -63,6 +63,9 @@ def main() -> None:
     if not args.no_pack:  # as `baldeagle eval` decodes
         pack_linears(target)
         pack_linears(draft)
+        single_row = {"target": choose_single_row_path(target), "draft": choose_single_row_path(draft)}
+        print(f"one-row forwards packed: target {single_row['target']['single_row_packed']}, "
+              f"draft {single_row['draft']['single_row_packed']}")
     costs = measure_costs(target, draft, context_ids(args.model, args.context), args.max_k, args.max_fan,
                           args.repeats, args.warmup, unmasked=True)
     score = json.loads(Path(args.score).read_text()) if args.score else {}

@@ -295,7 +295,7 @@ def test_predict_shapes_and_best_by_hand():
 @pytest.mark.parametrize("packed", [False, True])
 def test_measured_parts_leave_the_caches_as_they_were(packed):
     from baldeagle.decode.cost import ChainStep, measure_costs
-    from baldeagle.model.packed import pack_linears
+    from baldeagle.model.packed import pack_linears, set_min_packed_rows
 
     target = tiny_target("llama")
     draft, _ = tiny_draft(target, "eagle3")
@@ -317,8 +317,31 @@ def test_measured_parts_leave_the_caches_as_they_were(packed):
         again = step.chain(3)  # the same prefix gives the same chain: nothing was left in either cache
     assert torch.equal(first.tokens, again.tokens)
     assert all(layer.keys.shape[2] == 20 for layer in step.cache.layers)
-    if packed:  # the MKL-path timings hand the target back packed
+    if packed:  # the MKL-path timings hand the target back with its one-row path as it was
         assert {m.min_packed_rows for m in target.modules() if hasattr(m, "min_packed_rows")} == {2}
+        set_min_packed_rows(target, 1)
+        measure_costs(target, draft, ids, max_k=2, max_fan=2, repeats=1, warmup=0)
+        assert {m.min_packed_rows for m in target.modules() if hasattr(m, "min_packed_rows")} == {1}
+
+
+def test_one_row_forwards_take_the_path_measured_faster():
+    """Both paths give the same outputs; the choice is the one the recorded medians say is faster,
+    and eval records it (a plain decoding step is one row: the baseline gets the faster path)."""
+    from baldeagle.model.packed import choose_single_row_path, min_packed_rows, pack_linears, set_min_packed_rows
+
+    target = tiny_target("llama")
+    ids = torch.randint(3, 256, (1, 12))
+    with torch.no_grad():
+        expected = target(ids[:, :1]).logits
+        assert pack_linears(target)
+        choice = choose_single_row_path(target, repeats=3, warmup=1)
+        seconds = choice["single_row_seconds"]
+        assert choice["single_row_packed"] == (seconds["packed"] < seconds["mkl"])
+        assert min_packed_rows(target) == (1 if choice["single_row_packed"] else 2)
+        for rows in (1, 2):  # one row through either path: the same logits
+            set_min_packed_rows(target, rows)
+            torch.testing.assert_close(target(ids[:, :1]).logits, expected, rtol=1e-4, atol=1e-4)
+    assert choose_single_row_path(torch.nn.Linear(4, 4)) == {}  # nothing packed: nothing to choose
 
 
 @pytest.mark.parametrize("fans", [[], [1.6, 1.9, 1.95]])
@@ -348,6 +371,7 @@ def test_eval_decodes_with_the_shape_its_cost_model_chose(saved, tmp_path, fans)
     assert result["settings"]["tree_shape"] == expected
     assert result["outputs_match_baseline"] is True
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["shape_choice"]["chosen"] == choice["chosen"]
+    assert set(result["settings"]["single_row_path"]) == {"target", "draft"}
 
 
 def test_eval_decodes_a_fan_when_it_pays(saved, tmp_path):

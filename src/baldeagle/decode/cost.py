@@ -40,9 +40,12 @@ import torch
 
 from baldeagle.decode.speculative import SpecSettings, draft_tree, new_target_cache, prefill, target_forward
 from baldeagle.model.layers import DraftCache
-from baldeagle.model.packed import PackedLinear, set_min_packed_rows
+from baldeagle.model.packed import PackedLinear, min_packed_rows, set_min_packed_rows
 
 UNPACKED = ", unpacked"  # suffix of the verifications timed through MKL's path
+# MKL's path re-packs the weight on every call; it has been faster than the packed one for 2-3 rows
+# on one CPU and never past that, so wider verifications are timed packed only.
+MAX_UNPACKED_ROWS = 5
 
 
 def _timed(fn) -> float:
@@ -85,13 +88,14 @@ class ChainStep:
         """mask=False: a chain's tree mask is causal, so the forward can go without it (a diagnosis);
         packed=False: a packed target's linears take MKL's path for this forward."""
         ids = torch.cat([torch.tensor([self.root]), tree.tokens])[None]
+        before = min_packed_rows(self.target)
         if not packed:
             set_min_packed_rows(self.target, ids.shape[1] + 1)
         try:
             target_forward(self.target, ids, tree.position_ids(self.n), self.cache,
                            tree.attention_mask(self.n) if mask else None, aux_layer_ids=self.aux)
         finally:
-            set_min_packed_rows(self.target, 2)
+            set_min_packed_rows(self.target, before)
         self._rewind()
 
     def commit(self) -> None:
@@ -107,8 +111,9 @@ def measure_costs(target, draft, input_ids: torch.Tensor, max_k: int, max_fan: i
                   warmup: int = 2, unmasked: bool = False) -> dict[str, float]:
     """Median seconds of each part of a step, parts interleaved per round: "plain", "commit", and per
     chain k = 1..max_k "draft(k)" and "verify(k+1)", per fan width w = 2..max_fan "draft fan(w)" and
-    "verify fan(w+1)" (a fan of 1 is a chain of 1); with a packed target each verification also
-    through MKL's path (suffix ", unpacked"), with `unmasked` each chain's also without its mask."""
+    "verify fan(w+1)" (a fan of 1 is a chain of 1); with a packed target each verification of up to
+    MAX_UNPACKED_ROWS rows also through MKL's path (suffix ", unpacked"), with `unmasked` each chain's
+    also without its mask."""
     step = ChainStep(target, draft, input_ids)
     packed = any(isinstance(m, PackedLinear) for m in target.modules())
     trees = {f"verify({k + 1})": step.chain(k) for k in range(1, max_k + 1)}
@@ -118,7 +123,7 @@ def measure_costs(target, draft, input_ids: torch.Tensor, max_k: int, max_fan: i
     parts |= {f"draft fan({w})": lambda w=w: step.fan(w) for w in range(2, max_fan + 1)}
     for name, tree in trees.items():
         parts[name] = lambda tree=tree: step.verify(tree)
-        if packed:
+        if packed and tree.num_nodes + 1 <= MAX_UNPACKED_ROWS:
             parts[name + UNPACKED] = lambda tree=tree: step.verify(tree, packed=False)
         if unmasked and not name.startswith("verify fan"):
             parts[name + ", no mask"] = lambda tree=tree: step.verify(tree, mask=False)
@@ -168,8 +173,10 @@ def settings_for(row: dict) -> dict:
 
 
 def apply_choice(target, row: dict) -> None:
-    """Decode as predicted for `row`: its verification of drafted + 1 rows through MKL's path or packed."""
-    set_min_packed_rows(target, row["drafted"] + 2 if row["verify_unpacked"] else 2)
+    """Decode as predicted for `row`: its verification of drafted + 1 rows through MKL's path, or packed
+    (then the one-row path stays as `choose_single_row_path` set it)."""
+    if row["verify_unpacked"]:
+        set_min_packed_rows(target, row["drafted"] + 2)
 
 
 def shape_name(row: dict) -> str:

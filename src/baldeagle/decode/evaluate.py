@@ -47,7 +47,7 @@ from baldeagle.conventions import check_full_attention, pad_token_id, text_confi
 from baldeagle.data.prompts import Prompt, conversation, load_prompt_set
 from baldeagle.decode.speculative import Generation, SpecSettings, plain_generate, speculative_generate
 from baldeagle.model.draft_config import check_fits_target
-from baldeagle.model.packed import pack_linears
+from baldeagle.model.packed import choose_single_row_path, pack_linears
 
 logger = logging.getLogger(__name__)
 
@@ -261,6 +261,7 @@ class Session:
     warnings: list[str]
     pad_id: int
     packed: bool
+    single_row: dict | None = None  # which path one-row forwards take, as measured (choose_single_row_path)
     acceptance: dict | None = None  # chain and fan acceptance from choose_shape_from's score.json
     shape_choice: dict | None = None  # the measured costs and per-shape prediction that chose the shape
 
@@ -306,8 +307,10 @@ def _load(cfg: EvalConfig) -> Session:
     # CPU float32: pre-pack linear weights for all three decoders alike (multi-token forwards get cheap)
     packed = pack_linears(target)
     pack_linears(draft)
+    # one-row forwards (every plain decoding step) take whichever path is faster on this CPU
+    single_row = {"target": choose_single_row_path(target), "draft": choose_single_row_path(draft)}
     pad_id = pad_token_id(tokenizer.pad_token_id, settings.eos_token_ids)
-    return Session(cfg, settings, prompts, target, draft, tokenizer, warnings, pad_id, packed, acceptance)
+    return Session(cfg, settings, prompts, target, draft, tokenizer, warnings, pad_id, packed, single_row, acceptance)
 
 
 def read_score_acceptance(cfg: EvalConfig) -> dict:
@@ -441,6 +444,7 @@ def _write(session: Session, records: list[dict]) -> dict:
         "prompt_lookup_num_tokens": PROMPT_LOOKUP_TOKENS if cfg.prompt_lookup else None,
         "draft_type": session.draft.config.draft_type, "draft_vocab_size": session.draft.config.draft_vocab_size,
         "torch_threads": torch.get_num_threads(), "packed_linear_weights": session.packed,
+        "single_row_path": session.single_row,
     }
     if session.shape_choice:
         result["shape_choice"] = session.shape_choice

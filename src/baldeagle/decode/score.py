@@ -4,7 +4,7 @@ The target answers the prompts once (cached); every later score of any draft for
 one target forward for the features and one k-step draft pass per answer. `score.json` holds the
 acceptance part of eval.json's keys (acceptance_length, per_position_acceptance, per_category,
 num_prompts) plus `acceptance_length_every_position` (every answer position as a chain start) and
-`fan_acceptance_length` (τ of a depth-1 fan of the draft's 1..4 best first guesses).
+`fan_acceptance_length` (τ of a depth-1 fan of the draft's 1..8 best first guesses).
 """
 
 from __future__ import annotations

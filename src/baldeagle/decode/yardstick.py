@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 LOOKAHEAD = 8  # answers run this many tokens past max_new_tokens, so a last chain is checked in full
 MAX_CHAIN = LOOKAHEAD
-MAX_FAN = 4  # score.json's fan_acceptance_length: τ of a depth-1 fan of 1..MAX_FAN drafted tokens
+MAX_FAN = 8  # score.json's fan_acceptance_length: τ of a depth-1 fan of 1..MAX_FAN drafted tokens
 
 
 @dataclass
