@@ -8,10 +8,12 @@ cache of --context tokens (the first MT-bench question, tiled):
   positions and the feature layers exactly as speculative decoding runs it;
 - verify(n), no mask: the same without the (causal) mask, to see what the mask costs;
 - draft(k): drafting a chain of k tokens (`draft_tree`, shape (k, 1, k+1));
+- draft fan(w), verify fan(n): the same for a depth-1 fan of the draft's w best first guesses;
 - commit: the draft reading 2 new rows (one accepted token and the bonus).
 The models are measured as `baldeagle eval` runs them (float32 linear weights pre-packed, one-row
 forwards through whichever path is faster here; --no-pack to compare). The measuring and the
-prediction are `baldeagle.decode.cost`, which `baldeagle eval --choose-shape-from score.json` uses to pick its chain's k or fan's width.
+prediction are `baldeagle.decode.cost`, which `baldeagle eval --choose-shape-from score.json` uses
+to pick its chain's k or fan's width.
 With a `baldeagle score` result (--score score.json: per-position acceptance and fan τ), it predicts
 the speedup of each chain k and fan w: τ · plain / (draft + verify + commit), and the τ a draft needs
 for 1.0x and 1.5x with that shape. Prints a markdown table; writes --out (JSON).

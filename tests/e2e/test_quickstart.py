@@ -72,9 +72,10 @@ def test_trained_draft_beats_an_untrained_one(quickstart, tmp_path):
     assert (choice["shape"], choice["drafted"]) == (best["shape"], best["drafted"])
     n = choice["drafted"]
     assert chain["settings"]["tree_shape"] == ([n, 1, n + 1] if choice["shape"] == "chain" else [1, n, n + 1])
-    assert result["eval"]["chain"]["shape"] == choice["chosen"] and choice["chosen"] in (root / "summary.md").read_text()
+    summary_md = (root / "summary.md").read_text()
+    assert result["eval"]["chain"]["shape"] == choice["chosen"] and choice["chosen"] in summary_md
     lookup = result["eval"]["chain"]["prompt_lookup_tokens_per_second"]  # timed beside the chosen shape
-    assert lookup > 0 and f"prompt lookup decoding (no draft): {lookup:.1f}" in (root / "summary.md").read_text()
+    assert lookup > 0 and f"prompt lookup decoding (no draft): {lookup:.1f}" in summary_md
     baseline = run_eval(EvalConfig(draft=str(tmp_path / "fresh"), out=str(tmp_path / "eval"), **settings,
                                    **settings_for(best)))
     print(f"acceptance length, {choice['chosen']}: trained {chain['acceptance_length']:.3f}, "

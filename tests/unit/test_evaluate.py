@@ -367,7 +367,8 @@ def test_eval_decodes_with_the_shape_its_cost_model_chose(saved, tmp_path, fans)
     assert (choice["shape"], choice["drafted"]) == (best["shape"], best["drafted"])
     # ...and the decoding ran with that shape, still exact
     shape = settings_for(best)
-    expected = [best["drafted"], 1, best["drafted"] + 1] if shape["mode"] == "chain" else [1, best["drafted"], best["drafted"] + 1]
+    n = best["drafted"]
+    expected = [n, 1, n + 1] if shape["mode"] == "chain" else [1, n, n + 1]
     assert result["settings"]["tree_shape"] == expected
     assert result["outputs_match_baseline"] is True
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["shape_choice"]["chosen"] == choice["chosen"]

@@ -255,7 +255,8 @@ def test_training_logs_the_yardstick_and_score_agrees(saved, cache, tmp_path):
                  "--out", str(tmp_path / "score")]) == 0
     result = json.loads((tmp_path / "score" / "score.json").read_text())
     assert result["acceptance_length"] == pytest.approx(metrics["eval_prompts_tau"])
-    assert result["fan_acceptance_length"] == pytest.approx([metrics[f"eval_prompts_fan_tau_w{w}"] for w in range(1, 9)])
+    fans = [metrics[f"eval_prompts_fan_tau_w{w}"] for w in range(1, 9)]
+    assert result["fan_acceptance_length"] == pytest.approx(fans)
     assert result["num_prompts"] == 3 and set(result["per_category"]) == {"chat", "math"}
 
 

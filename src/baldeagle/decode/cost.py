@@ -152,10 +152,10 @@ def predict_shapes(costs: dict[str, float], acceptance: list[float], max_k: int,
     """Per chain k = 1..max_k, then per fan w = 2..max_fan (τ(w) = fan_taus[w - 1]): the step's cost
     over a plain step, τ and the predicted speedup (None without acceptance), and the τ a draft needs
     for 1.0x and 1.5x with that shape."""
-    rows = [_shape_row(costs, "chain", k, f"draft({k})", f"verify({k + 1})", 1 + sum(acceptance[:k]) if acceptance else None)
-            for k in range(1, max_k + 1)]
-    rows += [_shape_row(costs, "fan", w, f"draft fan({w})", f"verify fan({w + 1})", fan_taus[w - 1] if fan_taus else None)
-             for w in range(2, max_fan + 1)]
+    rows = [_shape_row(costs, "chain", k, f"draft({k})", f"verify({k + 1})",
+                       1 + sum(acceptance[:k]) if acceptance else None) for k in range(1, max_k + 1)]
+    rows += [_shape_row(costs, "fan", w, f"draft fan({w})", f"verify fan({w + 1})",
+                        fan_taus[w - 1] if fan_taus else None) for w in range(2, max_fan + 1)]
     return rows
 
 

@@ -317,7 +317,8 @@ def read_score_acceptance(cfg: EvalConfig) -> dict:
     """From `choose_shape_from` (a `baldeagle score` result), checked: the chain's per-position
     acceptance and, if the score has it, the fans' τ ([] for a score written before fans were scored)."""
     if cfg.mode != "chain":
-        raise ValueError(f"choose_shape_from picks a chain's k or a fan's width: it needs mode chain, got mode {cfg.mode!r}")
+        raise ValueError(f"choose_shape_from picks a chain's k or a fan's width: it needs mode chain, "
+                         f"got mode {cfg.mode!r}")
     path = Path(cfg.choose_shape_from)
     if not path.is_file():
         raise FileNotFoundError(f"choose_shape_from: {path} not found (a score.json written by `baldeagle score`)")
@@ -327,7 +328,8 @@ def read_score_acceptance(cfg: EvalConfig) -> dict:
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"choose_shape_from: {path} is not a `baldeagle score` result ({error!r})") from None
     if not acceptance or not all(isinstance(a, (int, float)) and 0 <= a <= 1 for a in acceptance):
-        raise ValueError(f"choose_shape_from: {path}: per_position_acceptance must be shares in [0, 1], got {acceptance!r}")
+        raise ValueError(f"choose_shape_from: {path}: per_position_acceptance must be shares in [0, 1], "
+                         f"got {acceptance!r}")
     if not isinstance(fans, list) or not all(isinstance(t, (int, float)) and 1 <= t <= 2 for t in fans):
         raise ValueError(f"choose_shape_from: {path}: fan_acceptance_length must be τ values in [1, 2], got {fans!r}")
     return {"per_position": [float(a) for a in acceptance], "fans": [float(t) for t in fans]}
