@@ -153,6 +153,9 @@ class TrainConfig(TrainingArguments):
     feature_noise: float = _help("EAGLE-1 uniform noise on input features (scaled by 512/len)", min=0, default=0.2)
     target_dtype: str = target_dtype_field()
     max_minutes: float = _help("stop (and save) after this much training time (0 = no limit)", min=0, default=0.0)
+    lr_over_minutes: bool = _help("with max_minutes: the lr decays (lr_scheduler_type cosine or linear) over the "
+                                  "share of the training minutes used, not over steps, and ends at zero when the "
+                                  "time is up; warmup_steps below 1 is then a share of the minutes", default=False)
     resume: bool = _help("continue from the last checkpoint in --out", default=False)
     overwrite: bool = _help("replace an existing output folder", default=False)
     eval_prompts: str = _help("also score the draft at every evaluation on these prompts (mtbench or a JSONL "

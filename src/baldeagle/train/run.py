@@ -31,6 +31,7 @@ from baldeagle.targets import load_target, stop_token_ids, target_config_or_none
 from baldeagle.train.collate import PadCollator, add_length_column
 from baldeagle.train.objective import DraftObjective
 from baldeagle.train.ttt import LOSSES
+from baldeagle.train.schedule import DECAYS
 from baldeagle.train.trainer import EagleTrainer, EvaluateEvery, TimeBudget
 
 CHECKPOINT_FILES = (CONFIG_NAME, WEIGHTS_NAME, TRAINER_STATE_NAME)  # the Trainer writes its state last
@@ -61,6 +62,13 @@ def check_settings(cfg: TrainConfig) -> None:
     if cfg.mode == "offline" and not cfg.features:
         raise ConfigError("mode=offline needs features=DIR (a store written by baldeagle features)")
     torch_dtype(cfg.target_dtype)  # a ConfigError for an unknown name
+    if cfg.lr_over_minutes:
+        kind = getattr(cfg.lr_scheduler_type, "value", cfg.lr_scheduler_type)
+        if cfg.max_minutes <= 0:
+            raise ConfigError("lr_over_minutes lays the lr schedule over the time budget: set max_minutes > 0")
+        if kind not in DECAYS:
+            raise ConfigError(f"lr_over_minutes decays with lr_scheduler_type {' or '.join(DECAYS)}, "
+                              f"got {kind!r}")
     if not 0 < cfg.ttt_step_weight <= 1:
         raise ConfigError(f"ttt_step_weight must be in (0, 1], got {cfg.ttt_step_weight}")
     if cfg.ttt_steps < 1:
@@ -295,6 +303,7 @@ def run_train(cfg: TrainConfig) -> dict:
         yardstick=yardstick,
         yardstick_k=cfg.eval_chain_k,
         callbacks=callbacks or None,
+        time_budget=budget,
     )
     if budget:
         budget.clock = trainer.training_clock  # evaluations do not use up the training budget

@@ -6,7 +6,8 @@ objective on held-out rows; `_save` writes a draft checkpoint (draft_config.json
 model.safetensors) and `_save_checkpoint` makes the Trainer's checkpoint appear whole or not at all;
 `_get_num_items_in_batch` counts trained tokens, so each weighs the same across accumulation and
 processes; `_get_train_sampler` seeds the length-grouped order, so --resume replays it;
-`create_optimizer` chains Muon beside the Trainer's AdamW when `muon` is set. Everything else
+`create_optimizer` chains Muon beside the Trainer's AdamW when `muon` is set; `create_scheduler`
+lays the lr schedule over the time budget when `lr_over_minutes` is set. Everything else
 (optimiser, scheduler, checkpoints, resume, DDP / FSDP / DeepSpeed through accelerate, reporters)
 is the Trainer's own.
 """
@@ -29,6 +30,7 @@ from baldeagle.model.checkpoint import load_draft, save_draft
 from baldeagle.train.collate import SeededLengthGroupedSampler
 from baldeagle.train.losses import tau_sim
 from baldeagle.train.optim import ChainedOptimizer, goes_to_muon, make_muon
+from baldeagle.train.schedule import minutes_schedule
 from baldeagle.train.ttt import scored_positions
 
 logger = logging.getLogger(__name__)
@@ -39,8 +41,9 @@ class EagleTrainer(Trainer):
     # counted by `_get_num_items_in_batch`): the Trainer must not divide again.
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, features, yardstick=None, yardstick_k: int = 3, **kwargs):
+    def __init__(self, *args, features, yardstick=None, yardstick_k: int = 3, time_budget=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.time_budget = time_budget  # TimeBudget: ends the run, and paces the lr with lr_over_minutes
         # OnlineFeatures (target in the loop), CachedFeatures (kept after a first pass), OfflineFeatures (a store)
         self.features = features
         # decode.yardstick.Yardstick: chain acceptance on the prompts that matter, at every evaluation
@@ -85,6 +88,16 @@ class EagleTrainer(Trainer):
         logger.info("muon: %d matrices with Muon, %d parameters with %s", len(to_muon), len(named) - len(to_muon),
                     rest_cls.__name__)
         return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """With `args.lr_over_minutes`: the decay runs over the time budget (see train/schedule.py)."""
+        if not getattr(self.args, "lr_over_minutes", False) or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        kind = getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type)
+        factor = minutes_schedule(kind, self.args.warmup_steps, self.time_budget.fraction)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, factor)
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
 
     # ---- loss and metrics ----------------------------------------------------------------
     def _get_num_items_in_batch(self, batch_samples: list, device) -> torch.Tensor | None:
@@ -238,6 +251,10 @@ class TimeBudget(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = self.clock()
+
+    def fraction(self) -> float:
+        """The share of the budget used so far (0 before training starts)."""
+        return 0.0 if self.start is None else (self.clock() - self.start) / self.seconds
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.clock() - self.start > self.seconds:
