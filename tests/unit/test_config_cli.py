@@ -195,7 +195,7 @@ def test_numeric_bounds_apply_to_yaml_files_and_allow_the_edges(tmp_path):
 
 def test_quickstart_trains_with_the_packaged_config(tmp_path):
     """The quickstart's training settings come from the file inside the package (what a wheel
-    installs), not from a checkout folder; TrainConfig's defaults would be 7 / 32000 / 1e-4 / 1."""
+    installs), not from a checkout folder; TrainConfig's defaults would be 7 / 32000 / 1e-4 / 1 / 0 / off."""
     from pathlib import Path
 
     import baldeagle
@@ -205,7 +205,7 @@ def test_quickstart_trains_with_the_packaged_config(tmp_path):
     assert QUICKSTART_TRAIN.is_relative_to(Path(baldeagle.__file__).parent)
     cfg = quickstart_train_config(QuickstartConfig(out=str(tmp_path)))
     assert (cfg.ttt_steps, cfg.draft_vocab_size, cfg.learning_rate, cfg.per_device_train_batch_size,
-            cfg.feature_cache_gb) == (1, 8192, 1e-3, 4, 2)
+            cfg.feature_cache_gb, cfg.muon) == (1, 8192, 1e-3, 4, 2, True)
     assert cfg.data == str(tmp_path / "prepared") and cfg.out == str(tmp_path / "train")
     # The quickstart's data: 300 self-written prompts over kinds of task, no chitchat (BENCHMARKS.md).
     defaults = QuickstartConfig()
