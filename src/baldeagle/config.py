@@ -171,6 +171,8 @@ class TrainConfig(TrainingArguments):
                                  gt=0, default=1.0)
     muon_weight_decay: float = _help("Muon's decoupled weight decay (speculators: 0.1)", min=0, default=0.1)
     muon_momentum: float = _help("Muon's Nesterov momentum", min=0, lt=1, default=0.95)
+    muon_ns_steps: int = _help("Muon's Newton-Schulz steps per update (5 as speculators; fewer are cheaper on a "
+                               "CPU and orthogonalise less exactly)", min=1, max=99, default=5)
 
     # Trainer fields with BaldEagle's defaults (same names and meaning as in TrainingArguments).
     learning_rate: float = _help("peak learning rate", gt=0, default=1e-4)

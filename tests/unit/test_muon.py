@@ -54,9 +54,9 @@ def test_hidden_matrices_go_to_muon_and_the_rest_to_adamw(draft_type, tmp_path):
         assert "draft.fc.bias" in rest
 
 
-@pytest.mark.parametrize("draft_type", ["eagle3", "eagle1"])
-def test_one_step_equals_bare_muon_and_adamw(draft_type, tmp_path):
-    trainer = trainer_for(draft_type, tmp_path)
+@pytest.mark.parametrize("draft_type,ns_steps", [("eagle3", 5), ("eagle1", 5), ("eagle3", 2)])
+def test_one_step_equals_bare_muon_and_adamw(draft_type, ns_steps, tmp_path):
+    trainer = trainer_for(draft_type, tmp_path, muon_ns_steps=ns_steps)
     optimizer = trainer.create_optimizer()
     named = dict(trainer.model.named_parameters())
     muon_names, rest_names = groups_by_name(trainer)
@@ -66,7 +66,7 @@ def test_one_step_equals_bare_muon_and_adamw(draft_type, tmp_path):
     clones = {n: named[n].detach().clone().requires_grad_(True) for n in grads}
     before = {n: named[n].detach().clone() for n in grads}
     bare_muon = torch.optim.Muon([clones[n] for n in muon_names], lr=2e-3 * 1.5, weight_decay=0.05, momentum=0.9,
-                                 nesterov=True, adjust_lr_fn="match_rms_adamw")
+                                 nesterov=True, ns_steps=ns_steps, adjust_lr_fn="match_rms_adamw")
     bare_adamw = torch.optim.AdamW(
         [{"params": [clones[n] for n in rest_names if n in decay], "weight_decay": 0.01},
          {"params": [clones[n] for n in rest_names if n not in decay], "weight_decay": 0.0}],
@@ -110,12 +110,14 @@ def test_the_scheduler_warms_up_both_groups_and_the_state_round_trips(tmp_path):
 
 
 def test_muon_keys_parse_from_the_cli_and_bad_values_name_the_key():
-    _, cfg = parse_config(["train", "muon=true", "muon_lr_scale=2", "--muon-momentum", "0.9"])
+    _, cfg = parse_config(["train", "muon=true", "muon_lr_scale=2", "muon_ns_steps=3", "--muon-momentum", "0.9"])
     assert (cfg.muon, cfg.muon_lr_scale, cfg.muon_momentum, cfg.muon_weight_decay) == (True, 2.0, 0.9, 0.1)
+    assert cfg.muon_ns_steps == 3 and TrainConfig().muon_ns_steps == 5
     assert TrainConfig().muon is False
     for argv, pattern in ((["muon_lr_scale=0"], r"^muon_lr_scale \(from .*\) must be above 0"),
                           (["muon_momentum=1"], r"^muon_momentum \(from .*\) must be below 1"),
                           (["--muon-weight-decay", "-1"], r"^muon_weight_decay \(from .*\) must be at least 0"),
+                          (["muon_ns_steps=0"], r"^muon_ns_steps \(from .*\) must be at least 1"),
                           (["muon=maybe"], r"muon")):
         with pytest.raises(ConfigError, match=pattern):
             parse_config(["train", *argv])

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from baldeagle.model.vocab import target_to_draft_ids
+from baldeagle.train.losses import draft_vocab_labels
+
 logger = logging.getLogger(__name__)
 
 
@@ -25,15 +28,48 @@ class TargetLogits:
     Training needs them at trained positions only (often a third of a chat row), and the LM head
     is a large share of a small target's forward, so `logits[b_idx, p_idx]` runs the head on just
     those rows: shape [N, V]. Indexing works like a [B, T, V] tensor's first two dimensions.
+
+    An EAGLE-3 loss reads only the draft vocabulary's logits plus two facts about the full
+    vocabulary per position: its argmax and its log-sum-exp. When those are known (`argmax`,
+    `logsumexp` [B, T], kept by `CachedFeatures` for reused rows), `draft_vocab` runs the head on
+    the draft vocabulary's rows only (8192 of 49152 for SmolLM2): the same numbers, a sixth of the work.
     """
 
-    def __init__(self, last_hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, last_hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 argmax: torch.Tensor | None = None, logsumexp: torch.Tensor | None = None):
         self.last_hidden, self.weight, self.bias = last_hidden, weight, bias  # [B, T, H], [V, H], [V]
+        self.argmax, self.logsumexp = argmax, logsumexp  # [B, T] full-vocabulary statistics, or None
 
     @torch.no_grad()
     def __getitem__(self, index) -> torch.Tensor:
         hidden = self.last_hidden[index].to(self.weight.dtype)
         return nn.functional.linear(hidden, self.weight, self.bias).float()
+
+    @torch.no_grad()
+    def draft_vocab(self, index, t2d: torch.Tensor, with_mass: bool = False):
+        """→ `draft_vocab_labels` at `index`: (probs over the draft vocab [N, Vd], draft id of the full
+        argmax [N] (-1 outside), the draft vocabulary's share of the target's probability [N] or None)."""
+        if self.argmax is None:
+            return draft_vocab_labels(self[index], t2d, with_mass)
+        used = t2d.nonzero().squeeze(-1)  # [Vd] target ids of the draft vocabulary
+        bias = None if self.bias is None else self.bias[used]
+        hidden = self.last_hidden[index].to(self.weight.dtype)
+        logits = nn.functional.linear(hidden, self.weight[used], bias).float()  # [N, Vd]
+        mass = torch.exp(torch.logsumexp(logits, -1) - self.logsumexp[index]) if with_mass else None
+        return torch.softmax(logits, dim=-1), target_to_draft_ids(self.argmax[index], t2d), mass
+
+
+@torch.no_grad()
+def full_vocab_stats(last_hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                     chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """last_hidden [n, H] → (argmax [n], logsumexp [n] float32) of the LM head's logits, `chunk`
+    positions at a time so that a long row never holds [n, V] floats at once."""
+    argmax, lse = [], []
+    for part in last_hidden.split(chunk):
+        logits = nn.functional.linear(part.to(weight.dtype), weight, bias).float()
+        argmax.append(logits.argmax(-1))
+        lse.append(torch.logsumexp(logits, -1))
+    return torch.cat(argmax), torch.cat(lse)
 
 
 @dataclass
@@ -75,12 +111,14 @@ class CachedFeatures:
     So each row's features and final hidden state (at its real tokens, in the target's own dtype,
     so nothing is rounded) are kept in memory by `row_index`, up to `max_bytes`; a batch whose rows
     are all kept skips the target, any other batch runs it and keeps the rows it did not have.
-    Logits stay lazy: the LM head runs where the loss indexes them, as online.
+    Logits stay lazy: the LM head runs where the loss indexes them, as online. For EAGLE-3 each kept
+    row also keeps its full-vocabulary argmax and log-sum-exp per position (12 bytes a token,
+    computed once), so a reused row's loss runs the head on the draft vocabulary only.
     """
 
     def __init__(self, online: OnlineFeatures, max_bytes: int):
         self.online, self.max_bytes = online, int(max_bytes)
-        self.rows: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # row → ids, features, last
+        self.rows: dict[int, tuple] = {}  # row → ids, features, last, (argmax, logsumexp) or None
         self.bytes = 0
         self.hits = self.misses = 0  # rows served from memory / computed by the target
         self.full = False
@@ -93,9 +131,30 @@ class CachedFeatures:
             return self._assemble(rows, batch)
         self.misses += len(rows)
         computed = self.online(batch)
+        stats = [self._stats(computed.last_hidden[b, :n]) for b, n in enumerate(lengths)]
         for b, row in enumerate(rows):
-            self._keep(row, batch["input_ids"][b, : lengths[b]], computed, b, int(lengths[b]))
+            self._keep(row, batch["input_ids"][b, : lengths[b]], computed, b, int(lengths[b]), stats[b])
+        if stats[0] is not None:  # this batch's loss, too, reads the draft vocabulary's head only
+            computed.logits = TargetLogits(computed.last_hidden, *self._head(), **self._padded(stats, batch))
         return computed
+
+    def _stats(self, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A row's full-vocabulary (argmax, logsumexp) at its real positions; None for EAGLE-1 (its
+        loss reads the full logits)."""
+        if self.online.draft_type != "eagle3":
+            return None
+        weight, bias = self._head()
+        return full_vocab_stats(last.to(weight.dtype), weight, bias)
+
+    @staticmethod
+    def _padded(stats: list[tuple[torch.Tensor, torch.Tensor]], batch) -> dict[str, torch.Tensor]:
+        """Per-row statistics → argmax, logsumexp [B, T] (padding holds 0: no loss indexes it)."""
+        B, T = batch["input_ids"].shape
+        argmax, lse = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T)
+        for b, (row_argmax, row_lse) in enumerate(stats):
+            argmax[b, : len(row_argmax)], lse[b, : len(row_lse)] = row_argmax.cpu(), row_lse.cpu()
+        device = batch["input_ids"].device
+        return dict(argmax=argmax.to(device), logsumexp=lse.to(device))
 
     def _kept(self, row: int, ids: torch.Tensor) -> bool:
         kept = self.rows.get(row)
@@ -105,20 +164,26 @@ class CachedFeatures:
             raise ValueError(f"prepared row {row} came with other token ids than when its features were kept")
         return True
 
-    def _keep(self, row: int, ids: torch.Tensor, computed: TargetFeatures, b: int, n: int) -> None:
+    def _keep(self, row: int, ids: torch.Tensor, computed: TargetFeatures, b: int, n: int, stats) -> None:
         if row < 0 or row in self.rows or self.full:
             return
         dtype = self.online.target.dtype
         last = computed.last_hidden[b, :n].to("cpu", dtype)
         features = last if self.online.draft_type == "eagle1" else computed.features[b, :n].to("cpu", dtype)
+        stats = None if stats is None else tuple(t.cpu() for t in stats)
         size = ids.numel() * ids.element_size() + last.nbytes + (0 if features is last else features.nbytes)
+        size += sum(t.nbytes for t in stats) if stats else 0
         if self.bytes + size > self.max_bytes:
             self.full = True  # later rows are computed each time; the kept ones stay
             logger.info("feature cache full at %.2f GB (%d rows); further rows run the target", self.bytes / 1e9,
                         len(self.rows))
             return
-        self.rows[row] = (ids.cpu().clone(), features.clone(), last.clone())
+        self.rows[row] = (ids.cpu().clone(), features.clone(), last.clone(), stats)
         self.bytes += size
+
+    def _head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        head = self.online.target.get_output_embeddings()
+        return head.weight, head.bias
 
     def _assemble(self, rows: list[int], batch: dict[str, torch.Tensor]) -> TargetFeatures:
         device = batch["input_ids"].device
@@ -126,10 +191,11 @@ class CachedFeatures:
         kept = [self.rows[row] for row in rows]
         features = torch.zeros(B, T, kept[0][1].shape[-1])  # float32 like the online features, zero-padded
         last = torch.zeros(B, T, kept[0][2].shape[-1])
-        for b, (ids, row_features, row_last) in enumerate(kept):
+        for b, (ids, row_features, row_last, _) in enumerate(kept):
             last[b, : len(ids)] = row_last
             features[b, : len(ids)] = row_features
         last = last.to(device)
         features = last if self.online.draft_type == "eagle1" else features.to(device)
-        head = self.online.target.get_output_embeddings()
-        return TargetFeatures(features=features, last_hidden=last, logits=TargetLogits(last, head.weight, head.bias))
+        stats = [row_stats for *_, row_stats in kept]
+        stats = self._padded(stats, batch) if all(s is not None for s in stats) else {}
+        return TargetFeatures(features=features, last_hidden=last, logits=TargetLogits(last, *self._head(), **stats))

@@ -80,6 +80,13 @@ def draft_vocab_mass(target_logits: torch.Tensor, t2d: torch.Tensor) -> torch.Te
     return torch.exp(torch.logsumexp(target_logits.index_select(-1, used), -1) - torch.logsumexp(target_logits, -1))
 
 
+def draft_vocab_labels(target_logits: torch.Tensor, t2d: torch.Tensor, with_mass: bool = False):
+    """Target logits [..., V] → what an EAGLE-3 loss reads: `draft_vocab_targets` and, when asked
+    (LK), `draft_vocab_mass` (else None)."""
+    probs, argmax = draft_vocab_targets(target_logits, t2d)
+    return probs, argmax, draft_vocab_mass(target_logits, t2d) if with_mass else None
+
+
 def _eagle3_step(per_position, draft_logits, target_argmax_draft, loss_mask, num_items=None):
     """A per-position loss [...] → (loss, correct, count), the EAGLE-3 way (see the module notes)."""
     mask = loss_mask.bool()

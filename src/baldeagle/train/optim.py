@@ -23,11 +23,12 @@ def goes_to_muon(name: str, param: torch.nn.Parameter) -> bool:
             and name.startswith(MUON_MODULES))
 
 
-def make_muon(params, lr: float, weight_decay: float, momentum: float) -> torch.optim.Muon:
-    """Muon as speculators runs it: Nesterov momentum, 5 Newton-Schulz steps, updates scaled to
-    AdamW's RMS (`match_rms_adamw`), so it shares AdamW's learning rate."""
+def make_muon(params, lr: float, weight_decay: float, momentum: float, ns_steps: int = 5) -> torch.optim.Muon:
+    """Muon as speculators runs it: Nesterov momentum, 5 Newton-Schulz steps (`ns_steps`: fewer cost
+    less, on a CPU a large share of a step, and orthogonalise less exactly), updates scaled to AdamW's
+    RMS (`match_rms_adamw`), so it shares AdamW's learning rate."""
     return torch.optim.Muon(params, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=True,
-                            adjust_lr_fn="match_rms_adamw")
+                            ns_steps=ns_steps, adjust_lr_fn="match_rms_adamw")
 
 
 class ChainedOptimizer(torch.optim.Optimizer):

@@ -83,7 +83,8 @@ class EagleTrainer(Trainer):
         ]
         rest_cls, rest_kwargs = self.get_optimizer_cls_and_kwargs(self.args, objective)
         muon = make_muon([(n, p) for n, p in named if n in to_muon], lr=self.args.learning_rate * self.args.muon_lr_scale,
-                         weight_decay=self.args.muon_weight_decay, momentum=self.args.muon_momentum)
+                         weight_decay=self.args.muon_weight_decay, momentum=self.args.muon_momentum,
+                         ns_steps=self.args.muon_ns_steps)
         self.optimizer = ChainedOptimizer([muon, rest_cls([g for g in rest if g["params"]], **rest_kwargs)])
         logger.info("muon: %d matrices with Muon, %d parameters with %s", len(to_muon), len(named) - len(to_muon),
                     rest_cls.__name__)

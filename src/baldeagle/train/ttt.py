@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from baldeagle.model.layers import sdpa_attention
 from baldeagle.train.losses import (
-    draft_vocab_mass, draft_vocab_targets, eagle1_loss, eagle3_lk_loss_from_targets, eagle3_loss_from_targets,
+    draft_vocab_labels, eagle1_loss, eagle3_lk_loss_from_targets, eagle3_loss_from_targets,
     eagle3_ttt_loss, feature_noise,
 )
 
@@ -214,11 +214,12 @@ def ttt_loss(draft, outputs, runs, trained, real, target_logits, decay: float = 
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     b_idx, p_idx = trained.nonzero(as_tuple=True)  # [N]
-    # Only trained positions are gathered (target_logits may compute lazily, see TargetLogits).
-    gathered = target_logits[b_idx, p_idx]  # [N, V]
-    target_probs, target_argmax = draft_vocab_targets(gathered, draft.t2d)  # [N, Vd], [N]
-    mass = draft_vocab_mass(gathered, draft.t2d) if loss == "lk" else None  # [N]
-    del gathered
+    # Only trained positions are read (target_logits may compute lazily, and for kept rows only
+    # over the draft vocabulary: see TargetLogits.draft_vocab). [N, Vd], [N], [N] or None.
+    if hasattr(target_logits, "draft_vocab"):
+        target_probs, target_argmax, mass = target_logits.draft_vocab((b_idx, p_idx), draft.t2d, loss == "lk")
+    else:
+        target_probs, target_argmax, mass = draft_vocab_labels(target_logits[b_idx, p_idx], draft.t2d, loss == "lk")
     scored, keeps = [], []
     for k, (hidden, rows) in enumerate(zip(outputs, runs)):
         row = p_idx - 1 - k  # the row whose step-k output predicts position p
