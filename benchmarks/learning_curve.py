@@ -39,6 +39,7 @@ def train_ours(args, out: Path) -> list[dict]:
         "model": args.model, "data": args.data, "out": str(out), "overwrite": True,
         "max_minutes": max(args.marks), "num_train_epochs": 1000, "lr_scheduler_type": "constant_with_warmup",
         "warmup_steps": 20, "target_dtype": args.target_dtype or training_target_dtype(), "eval_fraction": 0.0,
+        "bf16": (args.target_dtype or training_target_dtype()) == "bfloat16",  # as the quickstart
         "eval_steps": args.eval_every, "save_steps": 100000, "eval_prompts": args.prompts,
         "eval_prompts_limit": args.limit, "eval_prompts_new_tokens": args.new_tokens, "eval_chain_k": args.k}))
     if not (out / "final" / "metrics.json").is_file():

@@ -37,7 +37,8 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 def train_command(args, name: str, changes: list[str]) -> list[str]:
     base = [f"model={args.model}", f"out={Path(args.out) / name / 'train'}", f"max_minutes={args.minutes}",
             "num_train_epochs=1000", "lr_scheduler_type=constant_with_warmup", "warmup_steps=20",
-            f"target_dtype={training_target_dtype()}", "overwrite=true", "save_steps=100000"]
+            f"target_dtype={training_target_dtype()}", f"bf16={training_target_dtype() == 'bfloat16'}",
+            "overwrite=true", "save_steps=100000"]
     return [sys.executable, "-m", "baldeagle.cli", "train", "--config", str(QUICKSTART_TRAIN), *base, *changes]
 
 

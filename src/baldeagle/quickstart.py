@@ -93,6 +93,9 @@ def quickstart_train_config(cfg: QuickstartConfig) -> TrainConfig:
     return load_config(TrainConfig, QUICKSTART_TRAIN, ("quickstart", {
         "model": cfg.model, "data": str(root / "prepared"), "out": str(root / "train"), "max_length": cfg.max_length,
         "max_minutes": cfg.minutes * TRAIN_SHARE, "overwrite": True, "target_dtype": training_target_dtype(),
+        # The draft's matmuls under bfloat16 autocast where bf16 is native (weights and optimizer stay float32):
+        # 1.2-1.25x the steps, +0.005/+0.008 τ in two paired rounds (BENCHMARKS.md "Cheaper steps").
+        "bf16": training_target_dtype() == "bfloat16",
         # The clock ends training, not the epoch count: a small regenerated set is seen several times.
         "num_train_epochs": 50, "lr_scheduler_type": "constant_with_warmup", "warmup_steps": 20}))
 

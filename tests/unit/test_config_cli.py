@@ -200,13 +200,14 @@ def test_quickstart_trains_with_the_packaged_config(tmp_path):
 
     import baldeagle
     from baldeagle.config import QuickstartConfig
-    from baldeagle.quickstart import QUICKSTART_TRAIN, quickstart_train_config
+    from baldeagle.quickstart import QUICKSTART_TRAIN, quickstart_train_config, training_target_dtype
 
     assert QUICKSTART_TRAIN.is_relative_to(Path(baldeagle.__file__).parent)
     cfg = quickstart_train_config(QuickstartConfig(out=str(tmp_path)))
     assert (cfg.ttt_steps, cfg.draft_vocab_size, cfg.learning_rate, cfg.per_device_train_batch_size,
             cfg.feature_cache_gb, cfg.muon) == (1, 8192, 1e-3, 4, 2, True)
     assert cfg.data == str(tmp_path / "prepared") and cfg.out == str(tmp_path / "train")
+    assert cfg.bf16 == (training_target_dtype() == "bfloat16")  # the draft under bf16 autocast where it is native
     # The quickstart's data: 300 self-written prompts over kinds of task, no chitchat (BENCHMARKS.md).
     defaults = QuickstartConfig()
     assert (defaults.conversations, defaults.self_prompts, defaults.self_prompt_openings) == (0, 300, "tasks")
