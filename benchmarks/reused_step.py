@@ -95,7 +95,7 @@ def main() -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.max_grad_norm)
         optimizer.step()
-        return (time.perf_counter() - start) * 1e3, float(loss)
+        return (time.perf_counter() - start) * 1e3, loss.item()
 
     first_loss = {name: step(name, 0)[1] for name in VARIANTS}  # also the warm-up
     times = {name: [] for name in VARIANTS}
