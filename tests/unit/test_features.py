@@ -57,11 +57,13 @@ def test_cached_features_reuse_a_rows_features_without_running_the_target(draft_
     b, p = torch.tensor([0, 1, 1]), torch.tensor([0, 4, 11])
     torch.testing.assert_close(reused.logits[b, p], expected.logits[b, p], atol=1e-5, rtol=1e-5)
     if draft_type == "eagle3":  # a reused row's loss labels: the draft vocabulary's head and the kept statistics
+        from baldeagle.train.losses import draft_vocab_labels
+
         assert reused.logits.argmax is not None and expected.logits.argmax is None
         t2d = torch.zeros(256, dtype=torch.bool)
         t2d[torch.randperm(256)[:40]] = True
         for got, want in zip(reused.logits.draft_vocab((b, p), t2d, with_mass=True),
-                             expected.logits.draft_vocab((b, p), t2d, with_mass=True)):
+                             draft_vocab_labels(expected.logits[b, p], t2d, with_mass=True)):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -88,6 +90,8 @@ def test_draft_vocab_labels_from_kept_statistics_equal_the_full_head():
     torch.testing.assert_close(probs, want_probs, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(mass, want_mass, atol=1e-6, rtol=1e-5)
     assert kept.draft_vocab(index, t2d)[2] is None  # the mass only when a loss needs it (LK)
+    with pytest.raises(ValueError, match="statistics"):
+        TargetLogits(hidden, weight, bias).draft_vocab(index, t2d)  # without them the caller uses the full head
 
 
 def test_cached_features_stop_keeping_rows_at_the_budget_and_check_token_ids():

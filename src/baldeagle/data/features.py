@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from baldeagle.model.vocab import target_to_draft_ids
-from baldeagle.train.losses import draft_vocab_labels
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +46,11 @@ class TargetLogits:
 
     @torch.no_grad()
     def draft_vocab(self, index, t2d: torch.Tensor, with_mass: bool = False):
-        """→ `draft_vocab_labels` at `index`: (probs over the draft vocab [N, Vd], draft id of the full
-        argmax [N] (-1 outside), the draft vocabulary's share of the target's probability [N] or None)."""
+        """With the statistics kept: what `train.losses.draft_vocab_labels` gives on the full logits at
+        `index`: (probs over the draft vocab [N, Vd], draft id of the full argmax [N] (-1 outside), the
+        draft vocabulary's share of the target's probability [N] or None)."""
         if self.argmax is None:
-            return draft_vocab_labels(self[index], t2d, with_mass)
+            raise ValueError("draft_vocab needs the kept full-vocabulary statistics (argmax, logsumexp)")
         used = t2d.nonzero().squeeze(-1)  # [Vd] target ids of the draft vocabulary
         bias = None if self.bias is None else self.bias[used]
         hidden = self.last_hidden[index].to(self.weight.dtype)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from baldeagle.data.features import TargetLogits
 from baldeagle.model.layers import sdpa_attention
 from baldeagle.train.losses import (
     draft_vocab_labels, eagle1_loss, eagle3_lk_loss_from_targets, eagle3_loss_from_targets,
@@ -216,7 +217,7 @@ def ttt_loss(draft, outputs, runs, trained, real, target_logits, decay: float = 
     b_idx, p_idx = trained.nonzero(as_tuple=True)  # [N]
     # Only trained positions are read (target_logits may compute lazily, and for kept rows only
     # over the draft vocabulary: see TargetLogits.draft_vocab). [N, Vd], [N], [N] or None.
-    if hasattr(target_logits, "draft_vocab"):
+    if isinstance(target_logits, TargetLogits) and target_logits.argmax is not None:
         target_probs, target_argmax, mass = target_logits.draft_vocab((b_idx, p_idx), draft.t2d, loss == "lk")
     else:
         target_probs, target_argmax, mass = draft_vocab_labels(target_logits[b_idx, p_idx], draft.t2d, loss == "lk")
