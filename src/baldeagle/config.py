@@ -151,6 +151,11 @@ class TrainConfig(TrainingArguments):
     max_length: int = _help("truncate training rows to this many tokens (counted; rows with no trained token "
                             "left are skipped)", min=1, default=2048)
     feature_noise: float = _help("EAGLE-1 uniform noise on input features (scaled by 512/len)", min=0, default=0.2)
+    feature_dropout: float = _help("EAGLE-3: dropout on the target's fused features entering the draft, in training "
+                                   "only (a fresh mask each time a row is read: a regulariser for small data "
+                                   "read many times)", min=0, lt=1, default=0.0)
+    freeze_lm_head: bool = _help("EAGLE-3: keep the draft's LM head at the target's rows for the draft vocabulary "
+                                 "instead of training it (EAGLE-1's head is always the target's)", default=False)
     target_dtype: str = target_dtype_field()
     max_minutes: float = _help("stop (and save) after this much training time (0 = no limit)", min=0, default=0.0)
     lr_over_minutes: bool = _help("with max_minutes: the lr decays (lr_scheduler_type cosine or linear) over the "

@@ -461,3 +461,43 @@ def test_features_kept_in_memory_give_the_same_losses_over_epochs(workspace, dra
 def test_feature_cache_is_refused_offline(workspace):
     with pytest.raises(ConfigError, match="feature_cache_gb is for mode=online"):
         run_train(config(workspace, "cache-offline", mode="offline", features="somewhere", feature_cache_gb=1))
+
+
+
+def test_freeze_lm_head_keeps_the_targets_rows_and_trains_the_rest(workspace):
+    from safetensors.torch import load_file
+
+    from baldeagle.model.vocab import used_ids_from_d2t
+
+    run_train(config(workspace, "head-frozen", freeze_lm_head=True, max_steps=12, eval_fraction=0.0))
+    run_train(config(workspace, "head-trained", max_steps=12, eval_fraction=0.0))
+    frozen, trained = final_weights(workspace["root"] / "head-frozen"), final_weights(workspace["root"] / "head-trained")
+    target = load_file(str(next((workspace["root"] / "target").glob("*.safetensors"))))
+    head = target.get("lm_head.weight", target["model.embed_tokens.weight"])  # tied embeddings
+    rows = head[used_ids_from_d2t(frozen["d2t"])]
+    assert torch.equal(frozen["lm_head.weight"], rows)  # never moved
+    assert not torch.equal(trained["lm_head.weight"], rows)  # moves by default
+    history = losses(workspace["root"] / "head-frozen")  # 6 batches, seen twice: the rest still learns
+    assert sum(history[s] for s in range(7, 13)) < 0.9 * sum(history[s] for s in range(1, 7)), history
+
+
+def test_feature_dropout_changes_training_only(workspace):
+    def run(out, **changes):
+        run_train(config(workspace, out, max_steps=3, feature_noise=0.0, **changes))
+        return json.loads((workspace["root"] / out / "final" / "metrics.json").read_text())
+
+    plain, dropped = run("dropout-0"), run("dropout-half", feature_dropout=0.5)
+    first = [next(h["loss"] for h in m["log_history"] if "loss" in h) for m in (plain, dropped)]
+    assert first[0] != pytest.approx(first[1], rel=1e-4)  # the first step's loss reads dropped features
+    before = [m["eval_before_training"]["eval_loss"] for m in (plain, dropped)]
+    assert before[0] == pytest.approx(before[1], rel=1e-6)  # evaluation reads them whole
+
+
+def test_feature_dropout_is_refused_for_eagle1_and_out_of_range(workspace, monkeypatch):
+    from baldeagle.train import run
+
+    monkeypatch.setattr(run, "load_prepared", lambda *a: pytest.fail("work started"))
+    with pytest.raises(ConfigError, match="feature_dropout is for EAGLE-3 drafts: draft_type=eagle1"):
+        run_train(config(workspace, "bad", draft_type="eagle1", feature_dropout=0.1))
+    with pytest.raises(ConfigError, match=r"feature_dropout must be in \[0, 1\), got 1.0"):
+        run_train(config(workspace, "bad", feature_dropout=1.0))

@@ -15,17 +15,21 @@ from baldeagle.train.ttt import LOSSES, eagle1_forward, scored_positions, ttt_fo
 
 class DraftObjective(nn.Module):
     def __init__(self, draft: nn.Module, ttt_steps: int = 7, feature_noise: float = 0.2, ttt_step_weight: float = 0.8,
-                 loss: str = "kl"):
-        """loss: the EAGLE-3 step loss, "kl" or "lk" (train/losses.py); EAGLE-1 has its own loss only."""
+                 loss: str = "kl", feature_dropout: float = 0.0):
+        """loss: the EAGLE-3 step loss, "kl" or "lk" (train/losses.py); EAGLE-1 has its own loss only.
+        feature_dropout: EAGLE-3, dropout on the target's fused features in training (EAGLE-1: feature_noise)."""
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
         if loss != "kl" and draft.config.draft_type != "eagle3":
             raise ValueError(f"loss={loss} is an EAGLE-3 loss; a {draft.config.draft_type} draft trains with its own")
+        if feature_dropout and draft.config.draft_type != "eagle3":
+            raise ValueError(f"feature_dropout is for EAGLE-3 drafts; a {draft.config.draft_type} draft has feature_noise")
         self.draft = draft
         self.ttt_steps = ttt_steps
         self.ttt_step_weight = ttt_step_weight
         self.feature_noise = feature_noise
+        self.feature_dropout = feature_dropout
         self.loss = loss
 
     def forward(self, batch: dict[str, torch.Tensor], target: TargetFeatures, num_items=None):
@@ -47,8 +51,10 @@ class DraftObjective(nn.Module):
         return loss, sums
 
     def _eagle3(self, batch, target, divisor):
+        # A fresh mask at every read, so kept features (read once per epoch) differ from epoch to epoch.
+        features = nn.functional.dropout(target.features, self.feature_dropout, self.training)
         out = ttt_forward(
-            self.draft, batch["input_ids"], target.features, target.logits, batch["loss_mask"],
+            self.draft, batch["input_ids"], features, target.logits, batch["loss_mask"],
             steps=self.ttt_steps, attention_mask=batch["attention_mask"], decay=self.ttt_step_weight,
             num_items=divisor, loss=self.loss,
         )

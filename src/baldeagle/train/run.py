@@ -49,6 +49,11 @@ def check_settings(cfg: TrainConfig) -> None:
     if cfg.loss != "kl" and cfg.draft_type != "eagle3":
         raise ConfigError(f"loss={cfg.loss} is an EAGLE-3 loss: draft_type={cfg.draft_type} trains with its own "
                           "(SmoothL1 + 0.1 · soft cross-entropy); use loss=kl or draft_type=eagle3")
+    if cfg.feature_dropout and cfg.draft_type != "eagle3":
+        raise ConfigError(f"feature_dropout is for EAGLE-3 drafts: draft_type={cfg.draft_type} regularises with "
+                          "feature_noise (EAGLE-1's uniform noise on its input features)")
+    if not 0.0 <= cfg.feature_dropout < 1.0:
+        raise ConfigError(f"feature_dropout must be in [0, 1), got {cfg.feature_dropout}")
     if cfg.init_from_target_layer < -1:
         raise ConfigError(f"init_from_target_layer must be a target decoder layer index (0..L-1) or -1 (off), "
                           f"got {cfg.init_from_target_layer}")
@@ -283,6 +288,8 @@ def run_train(cfg: TrainConfig) -> dict:
     train_rows, eval_rows = split_rows(dataset, cfg)
     set_seed(cfg.seed)  # the draft's initial weights are the same in every process and every run
     draft = build_draft(cfg, target, train_rows, checkpoint)
+    if cfg.freeze_lm_head:
+        draft.lm_head.requires_grad_(False)  # the target's rows (EAGLE-1's head is a frozen copy already)
     yardstick = make_yardstick(cfg, target, draft)
     features = make_features(cfg, target, draft, store)
     if store is None:
@@ -294,7 +301,8 @@ def run_train(cfg: TrainConfig) -> dict:
     if yardstick is not None and eval_rows is None and cfg.eval_steps > 0:
         callbacks.append(EvaluateEvery(cfg.eval_steps))  # no held-out split: the yardstick's own schedule
     trainer = EagleTrainer(
-        model=DraftObjective(draft, cfg.ttt_steps, cfg.feature_noise, cfg.ttt_step_weight, cfg.loss),
+        model=DraftObjective(draft, cfg.ttt_steps, cfg.feature_noise, cfg.ttt_step_weight, cfg.loss,
+                             cfg.feature_dropout),
         args=cfg,  # TrainConfig is a TrainingArguments
         train_dataset=train_rows,
         eval_dataset=eval_rows,
