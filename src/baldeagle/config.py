@@ -244,7 +244,8 @@ class EvalConfig:
     choose_shape_from: str = _help(
         "chain: a `baldeagle score` result (score.json) of this draft; decode with the shape of the best speedup "
         "predicted from its acceptance and the step costs measured here before decoding (baldeagle.decode.cost): "
-        "a chain of k in 1..num_draft_tokens, or a depth-1 fan of the draft's w best first guesses", default="")
+        "a chain of k in 1..num_draft_tokens, a depth-1 fan of the draft's w best first guesses, or a depth-2 "
+        "tree the score measured", default="")
     tree_depth: int = _help("tree: draft depth", min=1, default=5)
     tree_topk: int = _help("tree: children expanded per node", min=1, default=4)
     tree_total_tokens: int = _help("tree: nodes verified per step (root included)", min=2, default=24)

@@ -290,6 +290,14 @@ def test_predict_shapes_and_best_by_hand():
            {"shape": "chain", "drafted": 1, "speedup": 1.2}]
     assert best_shape(tie) is tie[2] and best_shape(tie[:2]) is tie[1]
     assert predict_shapes(costs, [], 2, [], 3)[3]["speedup"] is None
+    # depth-2 trees: drafting priced by topk, verification by size; step = 2 + 15 + 1 = 18
+    trees = [{"depth": 2, "topk": 2, "total_tokens": 5, "tau": 2.7}]
+    rows = predict_shapes({**costs, "draft tree(2)": 2.0, "verify tree(5)": 15.0}, [0.5], 1, trees=trees)
+    assert (rows[-1]["shape"], rows[-1]["topk"], rows[-1]["drafted"]) == ("tree", 2, 4)
+    assert rows[-1]["speedup"] == pytest.approx(27 / 18) and best_shape(rows) is rows[-1]
+    assert settings_for(rows[-1]) == {"mode": "tree", "tree_depth": 2, "tree_topk": 2, "tree_total_tokens": 5}
+    tie = [{"shape": "tree", "drafted": 2, "speedup": 1.2}, {"shape": "fan", "drafted": 2, "speedup": 1.2}]
+    assert best_shape(tie) is tie[1]
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -302,16 +310,19 @@ def test_measured_parts_leave_the_caches_as_they_were(packed):
     if packed:
         assert pack_linears(target) and pack_linears(draft)
     ids = torch.randint(3, 256, (1, 20))
-    costs = measure_costs(target, draft, ids, max_k=3, max_fan=3, repeats=2, warmup=1, unmasked=True)
-    verifications = {*(f"verify({k})" for k in (2, 3, 4)), "verify fan(3)", "verify fan(4)"}
+    costs = measure_costs(target, draft, ids, max_k=3, max_fan=3, repeats=2, warmup=1, unmasked=True,
+                          trees=[(2, 4), (3, 6)])
+    verifications = {*(f"verify({k})" for k in (2, 3, 4)), "verify fan(3)", "verify fan(4)", "verify tree(4)"}
     unpacked = {f"{name}, unpacked" for name in verifications} if packed else set()
     assert set(costs) == {"plain", "commit", *(f"draft({k})" for k in (1, 2, 3)), "draft fan(2)", "draft fan(3)",
+                          "draft tree(2)", "draft tree(3)", "verify tree(6)",  # 7 rows: past MKL's path
                           *verifications, *unpacked, *(f"verify({k}), no mask" for k in (2, 3, 4))}
     assert all(seconds > 0 for seconds in costs.values())
     step = ChainStep(target, draft, ids)
     with torch.inference_mode():
-        first, fan = step.chain(3), step.fan(3)
+        first, fan, tree = step.chain(3), step.fan(3), step.tree(3, 6)
         assert fan.depths.tolist() == [1, 1, 1] and fan.parents.tolist() == [-1, -1, -1]
+        assert tree.num_nodes == 5 and tree.max_depth == 2 and torch.equal(tree.tokens[:3], fan.tokens)
         assert fan.tokens[0] == first.tokens[0]  # the fan's best guess is the chain's first
         step.plain(), step.verify(first), step.verify(fan), step.commit()
         again = step.chain(3)  # the same prefix gives the same chain: nothing was left in either cache
@@ -375,6 +386,20 @@ def test_eval_decodes_with_the_shape_its_cost_model_chose(saved, tmp_path, fans)
     assert set(result["settings"]["single_row_path"]) == {"target", "draft"}
 
 
+def test_eval_decodes_a_depth2_tree_when_it_pays(saved, tmp_path):
+    """A score whose depth-2 tree accepts far more than its chains and fans: eval decodes that tree, exact."""
+    score = tmp_path / "score.json"
+    trees = [{"depth": 2, "topk": 2, "total_tokens": 4, "tau": 1.2}, {"depth": 2, "topk": 2, "total_tokens": 5,
+                                                                       "tau": 2.9}]
+    score.write_text(json.dumps({"per_position_acceptance": [0.05], "fan_acceptance_length": [1.05, 1.1],
+                                 "tree_acceptance_length": trees}))
+    result = run_eval(config(saved, tmp_path, mode="chain", num_draft_tokens=1, choose_shape_from=str(score),
+                             prompt_lookup=False))
+    assert result["shape_choice"]["chosen"] == "tree topk=2 n=5"
+    assert result["settings"]["tree_shape"] == [2, 2, 5] and result["outputs_match_baseline"] is True
+    assert {"draft tree(2)", "verify tree(4)", "verify tree(5)"} <= set(result["shape_choice"]["costs_seconds"])
+
+
 def test_eval_decodes_a_fan_when_it_pays(saved, tmp_path):
     """A score whose fans accept far more than its chains: the chosen shape is a fan, decoded as a
     depth-1 tree of its width, exact."""
@@ -394,6 +419,10 @@ def test_eval_decodes_a_fan_when_it_pays(saved, tmp_path):
     ('{"per_position_acceptance": [0.5], "fan_acceptance_length": [0.5]}', dict(mode="chain"), ValueError,
      "fan_acceptance_length must be"),
     ('{"per_position_acceptance": [0.5]}', dict(mode="tree"), ValueError, "needs mode chain"),
+    ('{"per_position_acceptance": [0.5], "tree_acceptance_length": [{"depth": 2, "topk": 2, "total_tokens": 3, '
+     '"tau": 1.5}]}', dict(mode="chain"), ValueError, "tree_acceptance_length must be"),
+    ('{"per_position_acceptance": [0.5], "tree_acceptance_length": [{"depth": 2}]}', dict(mode="chain"), ValueError,
+     "not a `baldeagle score` result"),
 ])
 def test_choose_shape_from_bad_score_fails_before_decoding(saved, tmp_path, content, overrides, error, match):
     score = tmp_path / "score.json"

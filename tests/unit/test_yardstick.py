@@ -22,6 +22,7 @@ from baldeagle.decode.yardstick import (
     accepted_runs,
     build_yardstick,
     chain_walk,
+    depth2_accepted,
 )
 from baldeagle.model.draft_config import draft_config_from_target
 
@@ -268,3 +269,47 @@ def test_score_refuses_bad_settings_before_loading(option, message, capsys, tmp_
 
     assert main(["score", "--draft", str(tmp_path / "missing"), option]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_depth2_accepted_keeps_the_best_nodes_like_grow_tree():
+    """Hand-computed: two rows, topk 2. Row 0's best child (of first guess 0) outscores first guess 1."""
+    first_ids = torch.tensor([[10, 11], [20, 21]])
+    first_logp = torch.tensor([[-0.1, -3.0], [-0.5, -1.0]])
+    child_ids = torch.tensor([[[12, 13], [14, 15]], [[22, 23], [24, 25]]])
+    child_logp = torch.tensor([[[-0.2, -4.0], [-0.1, -0.2]], [[-2.0, -3.0], [-0.1, -0.2]]])
+    # Scores row 0: first 10:-0.1 11:-3.0, children 12:-0.3 13:-4.1 14:-3.1 15:-3.2.
+    # Scores row 1: first 20:-0.5 21:-1.0, children 22:-2.5 23:-3.5 24:-1.1 25:-1.2.
+    nxt1, nxt2 = torch.tensor([10, 21]), torch.tensor([12, 24])
+    accepted = lambda total: depth2_accepted(first_ids, first_logp, child_ids, child_logp, nxt1, nxt2, 2, total)
+    assert accepted(2).tolist() == [1, 0]  # one node: 10 in row 0 (12 not kept), 20 in row 1
+    assert accepted(3).tolist() == [2, 1]  # row 0 keeps 10, 12; row 1 keeps 20, 21
+    assert accepted(4).tolist() == [2, 2]  # row 1 now keeps 24 (-1.1)
+    other = lambda total: depth2_accepted(first_ids, first_logp, child_ids, child_logp, torch.tensor([11, 21]),
+                                          torch.tensor([14, 24]), 2, total)[0].item()
+    assert [other(total) for total in (3, 4, 5)] == [0, 1, 2]  # 11 (-3.0) is kept third, its child 14 (-3.1) fourth
+
+
+@pytest.mark.parametrize("draft_type", ["eagle3", "eagle1"])
+def test_depth2_walk_equals_depth2_tree_decoding_step_for_step(draft_type):
+    """Each depth-2 tree (topk first guesses, the best total - 1 nodes), walked through the answer,
+    accepts exactly what tree decoding with depth 2 accepts."""
+    target = tiny_target("llama")
+    draft = train_tiny_draft(target, draft_type, steps=50)  # half-trained: later guesses and children matter
+    prompts, length = random_prompts(6, seed=11), 40
+    answers, features = _answers_and_features(target, draft, prompts, length)
+    stick = Yardstick(answers, features, length, stop=())
+    shapes = [(2, 4), (3, 5), (3, 7)]
+    runs = stick.depth2_runs(draft, shapes, batch_size=4)
+    taus = {(t["topk"], t["total_tokens"]): t["tau"] for t in stick.depth2_acceptance_lengths(draft, shapes, 4)}
+    twos = 0
+    for topk, total in shapes:
+        settings = SpecSettings(mode="tree", tree_depth=2, tree_topk=topk, tree_total_tokens=total,
+                                max_new_tokens=length)
+        steps = []
+        for ids, item, accepted in zip(prompts, answers, runs[(topk, total)]):
+            decoded = speculative_generate(target, draft, ids, settings).accepted
+            assert chain_walk(accepted, len(item.prompt), item.answer, length, set()) == decoded
+            steps += decoded
+        twos += sum(s == 2 for s in steps)
+        assert taus[(topk, total)] == pytest.approx(1 + sum(steps) / len(steps))
+    assert twos > 5  # second guesses were accepted, not only first ones

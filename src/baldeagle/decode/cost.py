@@ -1,5 +1,5 @@
 """What a decoding step costs on this machine, and the draft shape it pays best to use: a chain of k
-tokens or a depth-1 fan of the draft's w best first guesses.
+tokens, a depth-1 fan of the draft's w best first guesses, or a depth-2 EAGLE-2 tree.
 
 Speculative decoding only pays when the tokens a step yields (τ) outweigh what the step costs
 against one plain decoding step. Both sides depend on the machine: on a GPU verifying 8 tokens
@@ -16,7 +16,8 @@ from measurements, not fixed:
   steps accepting more than i tokens, as `baldeagle score` measures it at its k); a fan's τ(w) is
   the score's `fan_acceptance_length` (a fan accepts at most one token, but a second or third guess
   often is the one: a draft whose later chain guesses are rarely right can gain more from a wider
-  first step than from a longer chain);
+  first step than from a longer chain); a depth-2 tree's τ is the score's `tree_acceptance_length`
+  (a fan plus the best few second guesses: a draft trained with two TTT steps gets some of them right);
 - `best_shape` picks the shape with the highest predicted speedup (on a tie, the fewer drafted
   tokens, a chain before a fan).
 
@@ -84,6 +85,12 @@ class ChainStep:
         self.draft_cache.crop(self.n)
         return tree
 
+    def tree(self, topk: int, total_tokens: int):
+        """A depth-2 EAGLE-2 tree: topk first guesses, each expanded once, the best total_tokens - 1 nodes."""
+        tree = draft_tree(self.draft, self.root_hidden, self.draft_cache, self.n, (2, topk, total_tokens))
+        self.draft_cache.crop(self.n)
+        return tree
+
     def verify(self, tree, mask: bool = True, packed: bool = True) -> None:
         """mask=False: a chain's tree mask is causal, so the forward can go without it (a diagnosis);
         packed=False: a packed target's linears take MKL's path for this forward."""
@@ -108,24 +115,27 @@ class ChainStep:
 
 @torch.inference_mode()
 def measure_costs(target, draft, input_ids: torch.Tensor, max_k: int, max_fan: int = 1, repeats: int = 10,
-                  warmup: int = 2, unmasked: bool = False) -> dict[str, float]:
+                  warmup: int = 2, unmasked: bool = False, trees: list[tuple[int, int]] = ()) -> dict[str, float]:
     """Median seconds of each part of a step, parts interleaved per round: "plain", "commit", and per
     chain k = 1..max_k "draft(k)" and "verify(k+1)", per fan width w = 2..max_fan "draft fan(w)" and
-    "verify fan(w+1)" (a fan of 1 is a chain of 1); with a packed target each verification of up to
-    MAX_UNPACKED_ROWS rows also through MKL's path (suffix ", unpacked"), with `unmasked` each chain's
-    also without its mask."""
+    "verify fan(w+1)" (a fan of 1 is a chain of 1), per depth-2 tree (topk, total) of `trees` "draft
+    tree(topk)" and "verify tree(total)" (a tree's drafting cost depends on its topk, its verification's
+    on its size); with a packed target each verification of up to MAX_UNPACKED_ROWS rows also through
+    MKL's path (suffix ", unpacked"), with `unmasked` each chain's also without its mask."""
     step = ChainStep(target, draft, input_ids)
     packed = any(isinstance(m, PackedLinear) for m in target.modules())
-    trees = {f"verify({k + 1})": step.chain(k) for k in range(1, max_k + 1)}
-    trees |= {f"verify fan({w + 1})": step.fan(w) for w in range(2, max_fan + 1)}
+    to_verify = {f"verify({k + 1})": step.chain(k) for k in range(1, max_k + 1)}
+    to_verify |= {f"verify fan({w + 1})": step.fan(w) for w in range(2, max_fan + 1)}
+    to_verify |= {f"verify tree({total})": step.tree(topk, total) for topk, total in trees}
     parts = {"plain": step.plain, "commit": step.commit}
     parts |= {f"draft({k})": lambda k=k: step.chain(k) for k in range(1, max_k + 1)}
     parts |= {f"draft fan({w})": lambda w=w: step.fan(w) for w in range(2, max_fan + 1)}
-    for name, tree in trees.items():
+    parts |= {f"draft tree({k})": lambda k=k: step.tree(k, 2 * k + 1) for k in sorted({k for k, _ in trees})}
+    for name, tree in to_verify.items():
         parts[name] = lambda tree=tree: step.verify(tree)
         if packed and tree.num_nodes + 1 <= MAX_UNPACKED_ROWS:
             parts[name + UNPACKED] = lambda tree=tree: step.verify(tree, packed=False)
-        if unmasked and not name.startswith("verify fan"):
+        if unmasked and name.startswith("verify("):
             parts[name + ", no mask"] = lambda tree=tree: step.verify(tree, mask=False)
     times: dict[str, list[float]] = {name: [] for name in parts}
     for round_ in range(warmup + repeats):
@@ -148,27 +158,35 @@ def _shape_row(costs: dict[str, float], shape: str, drafted: int, draft_part: st
 
 
 def predict_shapes(costs: dict[str, float], acceptance: list[float], max_k: int,
-                   fan_taus: list[float] | None = None, max_fan: int = 1) -> list[dict]:
-    """Per chain k = 1..max_k, then per fan w = 2..max_fan (τ(w) = fan_taus[w - 1]): the step's cost
-    over a plain step, τ and the predicted speedup (None without acceptance), and the τ a draft needs
-    for 1.0x and 1.5x with that shape."""
+                   fan_taus: list[float] | None = None, max_fan: int = 1, trees: list[dict] = ()) -> list[dict]:
+    """Per chain k = 1..max_k, then per fan w = 2..max_fan (τ(w) = fan_taus[w - 1]), then per depth-2
+    tree of `trees` (score.json's tree_acceptance_length rows; τ None where a row has none): the step's
+    cost over a plain step, τ and the predicted speedup (None without acceptance), and the τ a draft
+    needs for 1.0x and 1.5x with that shape."""
     rows = [_shape_row(costs, "chain", k, f"draft({k})", f"verify({k + 1})",
                        1 + sum(acceptance[:k]) if acceptance else None) for k in range(1, max_k + 1)]
     rows += [_shape_row(costs, "fan", w, f"draft fan({w})", f"verify fan({w + 1})",
                         fan_taus[w - 1] if fan_taus else None) for w in range(2, max_fan + 1)]
+    for tree in trees:
+        row = _shape_row(costs, "tree", tree["total_tokens"] - 1, f"draft tree({tree['topk']})",
+                         f"verify tree({tree['total_tokens']})", tree.get("tau"))
+        rows.append(row | {"topk": tree["topk"]})
     return rows
 
 
 def best_shape(rows: list[dict]) -> dict:
     """The row of the highest predicted speedup; on a tie the fewer drafted tokens (it costs less to be
-    wrong), a chain before a fan."""
-    return max(rows, key=lambda r: (round(r["speedup"], 9), -r["drafted"], r["shape"] == "chain"))
+    wrong), a chain before a fan before a tree."""
+    rank = {"chain": 2, "fan": 1, "tree": 0}
+    return max(rows, key=lambda r: (round(r["speedup"], 9), -r["drafted"], rank[r["shape"]]))
 
 
 def settings_for(row: dict) -> dict:
     """`SpecSettings` fields that decode with `row`'s shape (a fan is a tree of depth 1)."""
     if row["shape"] == "chain":
         return {"mode": "chain", "num_draft_tokens": row["drafted"]}
+    if row["shape"] == "tree":
+        return {"mode": "tree", "tree_depth": 2, "tree_topk": row["topk"], "tree_total_tokens": row["drafted"] + 1}
     return {"mode": "tree", "tree_depth": 1, "tree_topk": row["drafted"], "tree_total_tokens": row["drafted"] + 1}
 
 
@@ -180,6 +198,8 @@ def apply_choice(target, row: dict) -> None:
 
 
 def shape_name(row: dict) -> str:
+    if row["shape"] == "tree":
+        return f"tree topk={row['topk']} n={row['drafted'] + 1}"
     return f"{row['shape']} {'k' if row['shape'] == 'chain' else 'w'}={row['drafted']}"
 
 

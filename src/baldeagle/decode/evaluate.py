@@ -315,7 +315,8 @@ def _load(cfg: EvalConfig) -> Session:
 
 def read_score_acceptance(cfg: EvalConfig) -> dict:
     """From `choose_shape_from` (a `baldeagle score` result), checked: the chain's per-position
-    acceptance and, if the score has it, the fans' τ ([] for a score written before fans were scored)."""
+    acceptance and, if the score has them, the fans' and depth-2 trees' τ ([] for a score written before
+    they were scored)."""
     if cfg.mode != "chain":
         raise ValueError(f"choose_shape_from picks a chain's k or a fan's width: it needs mode chain, "
                          f"got mode {cfg.mode!r}")
@@ -325,28 +326,35 @@ def read_score_acceptance(cfg: EvalConfig) -> dict:
     try:
         score = json.loads(path.read_text())
         acceptance, fans = score["per_position_acceptance"], score.get("fan_acceptance_length", [])
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+        trees = [{"topk": int(t["topk"]), "total_tokens": int(t["total_tokens"]), "tau": float(t["tau"])}
+                 for t in score.get("tree_acceptance_length", []) if t["depth"] == 2]
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as error:
         raise ValueError(f"choose_shape_from: {path} is not a `baldeagle score` result ({error!r})") from None
     if not acceptance or not all(isinstance(a, (int, float)) and 0 <= a <= 1 for a in acceptance):
         raise ValueError(f"choose_shape_from: {path}: per_position_acceptance must be shares in [0, 1], "
                          f"got {acceptance!r}")
     if not isinstance(fans, list) or not all(isinstance(t, (int, float)) and 1 <= t <= 2 for t in fans):
         raise ValueError(f"choose_shape_from: {path}: fan_acceptance_length must be τ values in [1, 2], got {fans!r}")
-    return {"per_position": [float(a) for a in acceptance], "fans": [float(t) for t in fans]}
+    if not all(1 <= t["tau"] <= 3 and 2 <= t["topk"] < t["total_tokens"] - 1 <= 2 * t["topk"] for t in trees):
+        raise ValueError(f"choose_shape_from: {path}: tree_acceptance_length must be depth-2 trees with τ in [1, 3] "
+                         f"and topk < total_tokens - 1 <= 2 topk, got {trees!r}")
+    return {"per_position": [float(a) for a in acceptance], "fans": [float(t) for t in fans], "trees": trees}
 
 
 def choose_shape(session: Session) -> None:
     """Measure a step's parts on the first prompt, predict each shape's speedup from the score's
     acceptance (chains up to num_draft_tokens and the score's own k, fans as wide as the score
-    measured), and decode with the best."""
+    measured, the depth-2 trees it scored), and decode with the best."""
     from baldeagle.decode.cost import apply_choice, best_shape, measure_costs, predict_shapes, settings_for, shape_name
 
     acceptance = session.acceptance
     max_k = min(session.cfg.num_draft_tokens, len(acceptance["per_position"]))
     max_fan = len(acceptance["fans"])
     ids = render(session.tokenizer, session.prompts[0], [], 0)
-    costs = measure_costs(session.target, session.draft, ids, max_k, max_fan)
-    rows = predict_shapes(costs, acceptance["per_position"], max_k, acceptance["fans"], max_fan)
+    trees = acceptance.get("trees", [])
+    costs = measure_costs(session.target, session.draft, ids, max_k, max_fan,
+                          trees=[(t["topk"], t["total_tokens"]) for t in trees])
+    rows = predict_shapes(costs, acceptance["per_position"], max_k, acceptance["fans"], max_fan, trees)
     best = best_shape(rows)
     apply_choice(session.target, best)
     session.settings = dataclasses.replace(session.settings, **settings_for(best))

@@ -4,7 +4,8 @@ The target answers the prompts once (cached); every later score of any draft for
 one target forward for the features and one k-step draft pass per answer. `score.json` holds the
 acceptance part of eval.json's keys (acceptance_length, per_position_acceptance, per_category,
 num_prompts) plus `acceptance_length_every_position` (every answer position as a chain start) and
-`fan_acceptance_length` (τ of a depth-1 fan of the draft's 1..8 best first guesses).
+`fan_acceptance_length` (τ of a depth-1 fan of the draft's 1..8 best first guesses) and
+`tree_acceptance_length` (τ of depth-2 EAGLE-2 trees: topk first guesses, 1..topk second guesses).
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ def format_score(result: dict) -> str:
              f"  τ at every position      {result['acceptance_length_every_position']:.3f}",
              "  fan of w first guesses   " + " ".join(f"w={w} τ {t:.3f}" for w, t in
                                                    enumerate(result["fan_acceptance_length"], 1))]
+    trees = result.get("tree_acceptance_length", [])
+    for topk in sorted({t["topk"] for t in trees}):
+        lines.append(f"  depth-2 tree, topk {topk}   " + " ".join(
+            f"n={t['total_tokens']} τ {t['tau']:.3f}" for t in trees if t["topk"] == topk))
     for name, row in result["per_category"].items():
         lines.append(f"    {name:<12} τ {row['acceptance_length']:.3f}  ({row['prompts']} prompts)")
     return "\n".join(lines)

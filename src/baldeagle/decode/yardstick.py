@@ -12,7 +12,10 @@ lengths chain decoding measures, step for step (`chain_walk`).
 The same walk measures a depth-1 fan (a tree of the draft's w best first guesses, one verification
 of w + 1 tokens): a step accepts one token when the answer's next token is among them
 (`fan_acceptance_lengths`). On a CPU where verifying a few tokens costs little more than one, a fan
-can pay better than a chain whose later guesses are rarely right.
+can pay better than a chain whose later guesses are rarely right. And a depth-2 EAGLE-2 tree (the
+w best first guesses, each expanded once, the best n - 1 nodes kept): teacher-forced, the only
+first guess whose children matter is the answer's own next token, but which nodes the tree keeps
+depends on every guess's children, so all w are expanded (`second_step_candidates`, `depth2_accepted`).
 
 Where it can differ from `baldeagle eval` (chain): the target's features come from one forward
 over the whole answer instead of the verification forwards (float rounding), and a chain that runs
@@ -37,6 +40,32 @@ logger = logging.getLogger(__name__)
 LOOKAHEAD = 8  # answers run this many tokens past max_new_tokens, so a last chain is checked in full
 MAX_CHAIN = LOOKAHEAD
 MAX_FAN = 8  # score.json's fan_acceptance_length: τ of a depth-1 fan of 1..MAX_FAN drafted tokens
+MAX_TREE_TOPK = 6  # score.json's tree_acceptance_length: depth-2 trees of topk 2..MAX_TREE_TOPK
+
+
+def depth2_shapes(max_topk: int = MAX_TREE_TOPK) -> list[tuple[int, int]]:
+    """(topk, total_tokens) of the depth-2 trees scored: topk first guesses plus 1..topk second guesses
+    (root included in total_tokens; topk first guesses alone are the fan of topk)."""
+    return [(k, k + 1 + extra) for k in range(2, max_topk + 1) for extra in range(1, k + 1)]
+
+
+def depth2_accepted(first_ids, first_logp, child_ids, child_logp, nxt1, nxt2, topk: int, total_tokens: int):
+    """Tokens a depth-2 EAGLE-2 tree accepts from each row: 0, 1 or 2.
+
+    The tree is `grow_tree`'s with depth 2: the `topk` best first guesses, each with its `topk` best
+    children scored by the summed log-probability, and the `total_tokens` - 1 best of all of them kept
+    (a stable sort in grow_tree's order: first guesses, then children by parent). Inputs for R rows, as
+    `second_step_candidates` gives them (width >= topk): first_ids/first_logp [R, w], child_ids/child_logp
+    [R, w, w]; nxt1/nxt2 [R] the answer's next two tokens (-2 where there is none) → [R]."""
+    rows = first_ids.shape[0]
+    scores = torch.cat([first_logp[:, :topk], (first_logp[:, :topk, None] + child_logp[:, :topk, :topk]).flatten(1)], 1)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    kept = torch.zeros_like(scores, dtype=torch.bool)
+    kept.scatter_(1, order[:, :total_tokens - 1], True)
+    first_hit = (first_ids[:, :topk] == nxt1[:, None]) & kept[:, :topk]  # [R, k], at most one per row
+    child_hit = (child_ids[:, :topk, :topk] == nxt2[:, None, None]) & kept[:, topk:].view(rows, topk, topk)
+    second = (first_hit[:, :, None] & child_hit).flatten(1).any(1)
+    return first_hit.any(1).long() + second.long()
 
 
 @dataclass
@@ -201,6 +230,33 @@ class Yardstick:
                 out.append(torch.where(hit.any(0), hit.long().argmax(0), -1).tolist())
         return out
 
+    @torch.no_grad()
+    def depth2_runs(self, draft, shapes: list[tuple[int, int]], batch_size: int = 8) -> dict[tuple, list[list[int]]]:
+        """Per (topk, total_tokens) shape, per answer and row: the tokens a depth-2 tree accepts there."""
+        from baldeagle.train.ttt import second_step_candidates
+
+        width = max(k for k, _ in shapes)
+        out = {shape: [] for shape in shapes}
+        for seqs, ids, feats, rows, mask in self._batches(draft, batch_size):
+            tree = [t.cpu() for t in second_step_candidates(draft, ids, feats, width, rows, mask)]
+            for j, seq in enumerate(seqs):
+                nxt = torch.full((len(seq) + 1,), -2, dtype=seq.dtype)  # -2 matches no candidate
+                nxt[:max(len(seq) - 2, 0)] = seq[2:]
+                parts = [t[j, :len(seq)] for t in tree]
+                for shape in shapes:
+                    out[shape].append(depth2_accepted(*parts, nxt[:len(seq)], nxt[1:len(seq) + 1], *shape).tolist())
+        return out
+
+    def depth2_acceptance_lengths(self, draft, shapes: list[tuple[int, int]], batch_size: int = 8) -> list[dict]:
+        """τ of decoding with each depth-2 tree (topk, total_tokens) of `shapes`."""
+        runs = self.depth2_runs(draft, shapes, batch_size)
+        result = []
+        for (topk, total), per_answer in runs.items():
+            steps = [s for item, accepted in zip(self.answers, per_answer)
+                     for s in chain_walk(accepted, len(item.prompt), item.answer, self.max_new_tokens, self.stop)]
+            result.append({"depth": 2, "topk": topk, "total_tokens": total, "tau": _tau(steps)})
+        return result
+
     def fan_acceptance_lengths(self, draft, max_width: int, batch_size: int = 8) -> list[float]:
         """τ of decoding with a depth-1 fan of w drafted tokens, for w = 1..max_width (w = 1 is chain k = 1)."""
         ranks = self.fan_ranks(draft, max_width, batch_size)
@@ -224,6 +280,7 @@ class Yardstick:
                             "every_row": runs[start:max(stop, start)]})
         result = summarise_runs(records, k)
         result["fan_acceptance_length"] = self.fan_acceptance_lengths(draft, MAX_FAN, batch_size)
+        result["tree_acceptance_length"] = self.depth2_acceptance_lengths(draft, depth2_shapes(), batch_size)
         return result
 
 

@@ -308,6 +308,46 @@ def first_step_candidates(draft, input_ids: torch.Tensor, features: torch.Tensor
     return out
 
 
+@torch.no_grad()
+def second_step_candidates(draft, input_ids: torch.Tensor, features: torch.Tensor, width: int,
+                           rows: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    """The depth-2 tree a decoder grows (`grow_tree`, topk `width`) from every row in `rows`, inputs
+    teacher-forced: the draft's `width` best first guesses and, for each, its `width` best second
+    guesses (the draft's second step reading that first guess). Same inputs as `rollout_predictions`
+    → (first ids [B, T, w] target ids, best first, -1 where row t was not run; their log-probabilities
+    [B, T, w]; child ids [B, T, w, w] (the children of first guess j in [..., j, :]); their
+    log-probabilities [B, T, w, w])."""
+    real, position_ids = real_and_positions(input_ids, attention_mask)
+    run = StepRows.where(rows & real)
+    hidden = draft.project(features)
+    cache = TTTCache(*draft.keys_values(shift_left(input_ids, 1), hidden, position_ids), real)
+    cache.begin_step(run)
+    positions = take(position_ids, run.index)
+    first = draft(take(shift_left(input_ids, 1), run.index), take(hidden, run.index), positions, cache=cache)
+    first_logp, first_ids = torch.log_softmax(draft.logits(first).float(), dim=-1).topk(width, dim=-1)  # [B, M, w]
+    child_logp, child_ids = [], []
+    for j in range(width):
+        cache.step, cache.diagonal = 0, []  # each first guess is its own second step, beside the others
+        cache.begin_step(run)
+        second = draft(draft.to_target_ids(first_ids[..., j]), first, positions + 1, cache=cache)
+        logp, ids = torch.log_softmax(draft.logits(second).float(), dim=-1).topk(width, dim=-1)
+        child_logp.append(logp)
+        child_ids.append(ids)
+    child_logp, child_ids = torch.stack(child_logp, dim=2), torch.stack(child_ids, dim=2)  # [B, M, w, w]
+    b_valid = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(run.index)[run.valid]
+    t_valid = run.index[run.valid]
+    batch, length = input_ids.shape
+    out_first = input_ids.new_full((batch, length, width), -1)
+    out_first_logp = features.new_full((batch, length, width), float("-inf"), dtype=torch.float32)
+    out_child = input_ids.new_full((batch, length, width, width), -1)
+    out_child_logp = features.new_full((batch, length, width, width), float("-inf"), dtype=torch.float32)
+    out_first[b_valid, t_valid] = draft.to_target_ids(first_ids)[run.valid]
+    out_first_logp[b_valid, t_valid] = first_logp[run.valid]
+    out_child[b_valid, t_valid] = draft.to_target_ids(child_ids)[run.valid]
+    out_child_logp[b_valid, t_valid] = child_logp[run.valid]
+    return out_first, out_first_logp, out_child, out_child_logp
+
+
 def eagle1_forward(
     draft,
     input_ids: torch.Tensor,
