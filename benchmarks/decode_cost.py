@@ -9,6 +9,7 @@ cache of --context tokens (the first MT-bench question, tiled):
 - verify(n), no mask: the same without the (causal) mask, to see what the mask costs;
 - draft(k): drafting a chain of k tokens (`draft_tree`, shape (k, 1, k+1));
 - draft fan(w), verify fan(n): the same for a depth-1 fan of the draft's w best first guesses;
+- draft tree(k), verify tree(n): the same for the depth-2 trees the score measured (topk k, n tokens);
 - commit: the draft reading 2 new rows (one accepted token and the bonus).
 The models are measured as `baldeagle eval` runs them (float32 linear weights pre-packed, one-row
 forwards through whichever path is faster here; --no-pack to compare). The measuring and the
@@ -68,12 +69,14 @@ def main() -> None:
         single_row = {"target": choose_single_row_path(target), "draft": choose_single_row_path(draft)}
         print(f"one-row forwards packed: target {single_row['target']['single_row_packed']}, "
               f"draft {single_row['draft']['single_row_packed']}")
-    costs = measure_costs(target, draft, context_ids(args.model, args.context), args.max_k, args.max_fan,
-                          args.repeats, args.warmup, unmasked=True)
     score = json.loads(Path(args.score).read_text()) if args.score else {}
     acceptance, fans = score.get("per_position_acceptance", []), score.get("fan_acceptance_length", [])
+    trees = score.get("tree_acceptance_length", [])
+    costs = measure_costs(target, draft, context_ids(args.model, args.context), args.max_k, args.max_fan,
+                          args.repeats, args.warmup, unmasked=True,
+                          trees=[(t["topk"], t["total_tokens"]) for t in trees])
     rows = predict_shapes(costs, acceptance, min(args.max_k, len(acceptance) or args.max_k), fans,
-                          min(args.max_fan, len(fans) or args.max_fan))
+                          min(args.max_fan, len(fans) or args.max_fan), trees)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"settings": vars(args), "packed": not args.no_pack, "threads": torch.get_num_threads(),
                                           "seconds": costs, "shapes": rows}, indent=2) + "\n")

@@ -7,9 +7,9 @@ fast; an interrupted run resumes). This file doubles as the tutorial: read it to
     out/data/regenerated.jsonl   the target's own answers to prompts it wrote itself, over kinds of task
     out/prepared/                token ids + assistant-only loss mask      (out/mask.html shows it)
     out/train/                   training checkpoints; out/draft/ is the trained EAGLE-3 draft
-    out/score/score.json         the yardstick: chain and fan τ on 40 MT-bench first turns, teacher-forced
+    out/score/score.json         the yardstick: chain, fan and tree τ on 40 MT-bench first turns, teacher-forced
     out/eval/eval.json           MT-bench (held out), tree mode, plus acceptance.png
-    out/eval/chain/eval.json     the same with the shape (chain k or fan w) chosen from measured costs and the score
+    out/eval/chain/eval.json     the same with the shape (chain k, fan w or depth-2 tree) chosen from measured costs and the score
     out/export/{vllm,sglang,speculators}/   what each engine loads, with its serving command
     out/summary.json, out/summary.md
 """
@@ -137,8 +137,8 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         model=cfg.model, draft=str(draft), out=str(score_out), limit=cfg.score_prompts,
         max_new_tokens=cfg.score_new_tokens, num_draft_tokens=K)))
     # 6. What the draft buys: speculative vs plain decoding on held-out MT-bench prompts, exact. The
-    #    chain eval decodes with the shape (a chain of 1..K, or a depth-1 fan of the draft's best
-    #    first guesses) the yardstick's acceptance and this machine's measured step costs predict to
+    #    chain eval decodes with the shape (a chain of 1..K, a depth-1 fan of the draft's best first
+    #    guesses, or a depth-2 tree) the yardstick's acceptance and this machine's measured step costs predict to
     #    be fastest (baldeagle.decode.cost).
     evals = {"tree": root / "eval", "chain": root / "eval" / "chain"}
     for mode, out in evals.items():

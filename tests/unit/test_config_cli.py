@@ -205,7 +205,7 @@ def test_quickstart_trains_with_the_packaged_config(tmp_path):
     assert QUICKSTART_TRAIN.is_relative_to(Path(baldeagle.__file__).parent)
     cfg = quickstart_train_config(QuickstartConfig(out=str(tmp_path)))
     assert (cfg.ttt_steps, cfg.draft_vocab_size, cfg.learning_rate, cfg.per_device_train_batch_size,
-            cfg.feature_cache_gb, cfg.muon, cfg.muon_ns_steps) == (1, 8192, 1e-3, 4, 2, True, 3)
+            cfg.feature_cache_gb, cfg.muon, cfg.muon_ns_steps) == (2, 8192, 1e-3, 4, 2, True, 3)
     assert cfg.data == str(tmp_path / "prepared") and cfg.out == str(tmp_path / "train")
     assert cfg.bf16 == (training_target_dtype() == "bfloat16")  # the draft under bf16 autocast where it is native
     # The quickstart's data: 300 self-written prompts over kinds of task, no chitchat (BENCHMARKS.md).
