@@ -70,8 +70,10 @@ def test_trained_draft_beats_an_untrained_one(quickstart, tmp_path):
     choice = chain["shape_choice"]  # the quickstart's chain shape comes from its cost model
     best = best_shape(choice["predicted"])
     assert (choice["shape"], choice["drafted"]) == (best["shape"], best["drafted"])
-    n = choice["drafted"]
-    assert chain["settings"]["tree_shape"] == ([n, 1, n + 1] if choice["shape"] == "chain" else [1, n, n + 1])
+    shape = settings_for(best)  # decoded as chosen: a chain of k, a fan (depth 1) or a depth-2 tree
+    expected = ([shape["num_draft_tokens"], 1, shape["num_draft_tokens"] + 1] if shape["mode"] == "chain"
+                else [shape["tree_depth"], shape["tree_topk"], shape["tree_total_tokens"]])
+    assert chain["settings"]["tree_shape"] == expected
     summary_md = (root / "summary.md").read_text()
     assert result["eval"]["chain"]["shape"] == choice["chosen"] and choice["chosen"] in summary_md
     lookup = result["eval"]["chain"]["prompt_lookup_tokens_per_second"]  # timed beside the chosen shape
