@@ -12,7 +12,8 @@ cache of --context tokens (the first MT-bench question, tiled):
 - draft tree(k), verify tree(n): the same for the depth-2 trees the score measured (topk k, n tokens);
 - commit: the draft reading 2 new rows (one accepted token and the bonus).
 The models are measured as `baldeagle eval` runs them (float32 linear weights pre-packed, one-row
-forwards through whichever path is faster here; --no-pack to compare). The measuring and the
+forwards through whichever path is faster here, a GQA target's masked verifications through
+`baldeagle.model.gqa_attention`; --no-pack and --no-gqa-attention to compare). The measuring and the
 prediction are `baldeagle.decode.cost`, which `baldeagle eval --choose-shape-from score.json` uses
 to pick its chain's k or fan's width.
 With a `baldeagle score` result (--score score.json: per-position acceptance and fan τ), it predicts
@@ -33,6 +34,7 @@ import torch
 from baldeagle.data.prompts import load_prompt_set
 from baldeagle.decode.cost import format_costs, measure_costs, predict_shapes
 from baldeagle.model.checkpoint import load_draft
+from baldeagle.model.gqa_attention import use_gqa_attention
 from baldeagle.model.packed import choose_single_row_path, pack_linears
 from baldeagle.targets import load_target, load_tokenizer
 
@@ -57,6 +59,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-pack", action="store_true",
                         help="keep nn.Linear (eval pre-packs float32 CPU weights; this shows what that buys)")
+    parser.add_argument("--no-gqa-attention", action="store_true",
+                        help="keep Transformers' sdpa attention (it copies a GQA target's keys and values in "
+                             "every masked verification; eval avoids that)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--out", default="runs/decode_cost.json")
     args = parser.parse_args()
@@ -69,6 +74,8 @@ def main() -> None:
         single_row = {"target": choose_single_row_path(target), "draft": choose_single_row_path(draft)}
         print(f"one-row forwards packed: target {single_row['target']['single_row_packed']}, "
               f"draft {single_row['draft']['single_row_packed']}")
+    if not args.no_gqa_attention:
+        use_gqa_attention(target)
     score = json.loads(Path(args.score).read_text()) if args.score else {}
     acceptance, fans = score.get("per_position_acceptance", []), score.get("fan_acceptance_length", [])
     trees = score.get("tree_acceptance_length", [])

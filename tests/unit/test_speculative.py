@@ -19,6 +19,7 @@ from baldeagle.decode.speculative import (
 )
 from baldeagle.decode import speculative
 from baldeagle.decode.tree import tree_from_parents
+from baldeagle.model.gqa_attention import use_gqa_attention
 from baldeagle.model.layers import build_mask
 from baldeagle.model.packed import PackedLinear, pack_linears, set_min_packed_rows
 
@@ -111,6 +112,43 @@ def test_packed_linears_compute_the_same_and_decode_exactly():
         got = speculative_generate(target, draft, ids, SpecSettings(**SHAPES[mode], max_new_tokens=30))
         assert got.tokens == expected
     assert not pack_linears(tiny_target("llama").to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_gqa_attention_skips_the_key_value_copy_and_decodes_exactly(family, monkeypatch):
+    from transformers.integrations import sdpa_attention
+
+    target = tiny_target(family)
+    assert target.config.num_key_value_heads < target.config.num_attention_heads  # a GQA target
+    draft, _ = tiny_draft(target, "eagle3")
+    ids = prompts(1, seed=4)[0]
+    expected = reference_greedy(target, ids, 30)
+    tree = tree_from_parents(torch.tensor([5, 9, 7, 11]), torch.tensor([-1, -1, 0, 0]))
+    n = ids.shape[1]
+
+    def verify():  # a masked multi-token forward after a cached prefix, as tree verification runs it
+        cache = speculative.new_target_cache(target)
+        speculative.target_forward(target, ids, torch.arange(n)[None], cache)
+        verify_ids = torch.cat([torch.tensor([3]), tree.tokens])[None]
+        return speculative.target_forward(target, verify_ids, tree.position_ids(n), cache, tree.attention_mask(n),
+                                          aux_layer_ids=[1, 3])
+
+    copies = []
+    real_repeat_kv = sdpa_attention.repeat_kv
+    monkeypatch.setattr(sdpa_attention, "repeat_kv", lambda x, n: copies.append(n) or real_repeat_kv(x, n))
+    with torch.no_grad():
+        logits, features = verify()
+        assert len(copies) == 2 * target.config.num_hidden_layers  # Transformers copies k and v in every layer
+        copies.clear()
+        assert use_gqa_attention(target)
+        gqa_logits, gqa_features = verify()
+    assert copies == []
+    torch.testing.assert_close(gqa_logits, logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gqa_features, features, atol=1e-5, rtol=1e-5)
+    for mode in ["chain", "tree"]:
+        got = speculative_generate(target, draft, ids, SpecSettings(**SHAPES[mode], max_new_tokens=30))
+        assert got.tokens == expected
+    assert not use_gqa_attention(tiny_target(family, attn_implementation="eager"))
 
 
 @pytest.mark.parametrize("mode", ["chain", "tree"])

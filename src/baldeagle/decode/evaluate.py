@@ -47,6 +47,7 @@ from baldeagle.conventions import check_full_attention, pad_token_id, text_confi
 from baldeagle.data.prompts import Prompt, conversation, load_prompt_set
 from baldeagle.decode.speculative import Generation, SpecSettings, plain_generate, speculative_generate
 from baldeagle.model.draft_config import check_fits_target
+from baldeagle.model.gqa_attention import use_gqa_attention
 from baldeagle.model.packed import choose_single_row_path, pack_linears
 
 logger = logging.getLogger(__name__)
@@ -307,6 +308,7 @@ def _load(cfg: EvalConfig) -> Session:
     # CPU float32: pre-pack linear weights for all three decoders alike (multi-token forwards get cheap)
     packed = pack_linears(target)
     pack_linears(draft)
+    use_gqa_attention(target)  # tree verification reads a GQA target's cache in place (every decoder alike)
     # one-row forwards (every plain decoding step) take whichever path is faster on this CPU
     single_row = {"target": choose_single_row_path(target), "draft": choose_single_row_path(draft)}
     pad_id = pad_token_id(tokenizer.pad_token_id, settings.eos_token_ids)
