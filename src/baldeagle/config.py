@@ -128,6 +128,9 @@ class TrainConfig(TrainingArguments):
                       "vocabulary) or lk (LK^λ of arXiv 2602.23881: per position λ·KL + (1-λ)·(1-α), α the "
                       "draft/target overlap (acceptance rate), λ = exp(-3·α)); EAGLE-1 keeps its own loss",
                       default="kl")
+    label_temperature: float = _help("EAGLE-3: the target's distribution over the draft vocabulary is sharpened "
+                                     "(< 1) or flattened (> 1) to p^(1/T), renormalised, before the loss reads it; "
+                                     "1 = the target's own distribution", gt=0, default=1.0)
     init_from_target_layer: int = _help("initialise a fresh draft's decoder layer from this target decoder layer "
                                         "(0..L-1; EAGLE-3: q/k/v read the feature half, the embedding half starts "
                                         "at zero); -1 = random initialisation; --resume never re-initialises",

@@ -118,6 +118,17 @@ def test_loss_and_init_layer_train_keys_parse_and_round_trip(tmp_path):
         parse_config(["train", "init_from_target_layer=last"])
 
 
+def test_label_temperature_train_key_parses_and_round_trips(tmp_path):
+    assert TrainConfig().label_temperature == 1.0  # the target's own distribution by default
+    config = tmp_path / "train.yaml"
+    config.write_text("label_temperature: 0.5\n")
+    _, cfg = parse_config(["train", "--config", str(config)])
+    assert cfg.label_temperature == 0.5
+    assert load_config(TrainConfig, write_resolved(cfg, tmp_path / "resolved")) == cfg
+    with pytest.raises(ConfigError, match=r"^label_temperature \(from key=value overrides\) must be above 0, got 0.0"):
+        parse_config(["train", "label_temperature=0"])
+
+
 def test_help_lists_stages(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])

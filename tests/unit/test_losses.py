@@ -13,6 +13,7 @@ from baldeagle.train.losses import (
     eagle3_loss_from_targets,
     eagle3_ttt_loss,
     feature_noise,
+    sharpen_probs,
     soft_cross_entropy,
     tau_sim,
 )
@@ -36,6 +37,18 @@ def test_soft_cross_entropy_by_hand():
     z = math.log(math.e + math.e**2 + 1)
     expected = -(0.2 * (1 - z) + 0.5 * (2 - z) + 0.3 * (0 - z))
     assert soft_cross_entropy(draft, p).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_sharpen_probs_by_hand():
+    p = torch.tensor([[0.2, 0.5, 0.3], [0.7, 0.1, 0.2]])
+    assert sharpen_probs(p, 1.0) is p  # the target's own distribution, untouched
+    squared = p**2 / (p**2).sum(-1, keepdim=True)  # T = 1/2: p^2 renormalised
+    torch.testing.assert_close(sharpen_probs(p, 0.5), squared)
+    torch.testing.assert_close(sharpen_probs(p, 2.0), p.sqrt() / p.sqrt().sum(-1, keepdim=True))
+    torch.testing.assert_close(sharpen_probs(p, 0.01), torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]))
+    assert torch.equal(sharpen_probs(p, 0.3).argmax(-1), p.argmax(-1))
+    zero = torch.tensor([[0.0, 0.6, 0.4]])  # a zero probability stays zero
+    assert sharpen_probs(zero, 0.5)[0, 0].item() == 0.0
 
 
 def test_eagle3_loss_renormalises_over_the_draft_vocab_and_drops_oov_argmax():

@@ -493,6 +493,16 @@ def test_feature_dropout_changes_training_only(workspace):
     assert before[0] == pytest.approx(before[1], rel=1e-6)  # evaluation reads them whole
 
 
+def test_label_temperature_is_refused_for_eagle1_and_at_zero(workspace, monkeypatch):
+    from baldeagle.train import run
+
+    monkeypatch.setattr(run, "load_prepared", lambda *a: pytest.fail("work started"))
+    with pytest.raises(ConfigError, match="label_temperature is for EAGLE-3 drafts: draft_type=eagle1"):
+        run_train(config(workspace, "bad", draft_type="eagle1", label_temperature=0.5))
+    with pytest.raises(ConfigError, match="label_temperature must be > 0, got 0.0"):
+        run_train(config(workspace, "bad", label_temperature=0.0))
+
+
 def test_feature_dropout_is_refused_for_eagle1_and_out_of_range(workspace, monkeypatch):
     from baldeagle.train import run
 

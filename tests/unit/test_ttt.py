@@ -142,6 +142,21 @@ def test_ttt_with_loss_lk_scores_every_step_with_lk():
         ttt_forward(draft, ids, features, logits, loss_mask, steps=1, loss="ce")
 
 
+def test_label_temperature_equals_the_target_logits_divided_by_it():
+    """label_temperature T reads the target's draft-vocabulary distribution as p^(1/T): the same as
+    training against logits / T at T = 1 (a second path), with the same accuracy (the argmax is kept)."""
+    steps = 2
+    draft, ids, features, logits, loss_mask, attention_mask, positions = _batch("llama", "right")
+    kwargs = dict(steps=steps, attention_mask=attention_mask, position_ids=positions)
+    sharp = ttt_forward(draft, ids, features, logits, loss_mask, label_temperature=0.5, **kwargs)
+    scaled = ttt_forward(draft, ids, features, logits / 0.5, loss_mask, **kwargs)
+    plain = ttt_forward(draft, ids, features, logits, loss_mask, **kwargs)
+    torch.testing.assert_close(sharp.step_losses, scaled.step_losses, atol=1e-5, rtol=1e-5)
+    for k in range(steps):
+        assert abs(sharp.step_losses[k].item() - plain.step_losses[k].item()) > 1e-5  # another target (a fresh draft is near uniform)
+        assert (int(sharp.correct[k]), int(sharp.count[k])) == (int(plain.correct[k]), int(plain.count[k]))
+
+
 def test_the_objective_refuses_lk_for_eagle1_and_unknown_losses():
     from baldeagle.train.objective import DraftObjective
 
@@ -150,6 +165,10 @@ def test_the_objective_refuses_lk_for_eagle1_and_unknown_losses():
         DraftObjective(tiny_draft(target, "eagle1")[0], loss="lk")
     with pytest.raises(ValueError, match="loss must be one of kl, lk"):
         DraftObjective(tiny_draft(target, "eagle3", draft_vocab_size=128)[0], loss="tv")
+    with pytest.raises(ValueError, match="label_temperature is for EAGLE-3 drafts"):
+        DraftObjective(tiny_draft(target, "eagle1")[0], label_temperature=0.5)
+    with pytest.raises(ValueError, match="label_temperature must be > 0, got 0"):
+        DraftObjective(tiny_draft(target, "eagle3", draft_vocab_size=128)[0], label_temperature=0)
 
 
 EAGLE31 = [dict(feed_normed_hidden=True), dict(norm_before_fc=True, feed_normed_hidden=True),

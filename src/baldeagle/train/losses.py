@@ -87,6 +87,18 @@ def draft_vocab_labels(target_logits: torch.Tensor, t2d: torch.Tensor, with_mass
     return probs, argmax, draft_vocab_mass(target_logits, t2d) if with_mass else None
 
 
+def sharpen_probs(probs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """probs [..., V] → p^(1/T) renormalised over the last dim (float32): T < 1 sharpens towards the
+    argmax, T > 1 flattens, T = 1 returns `probs` itself. The ranking, and so the argmax, is unchanged.
+
+    Why: greedy decoding accepts a drafted token only if it is the target's argmax, while the soft
+    cross-entropy spends the draft's capacity on the whole distribution; T < 1 moves the loss's weight
+    towards the target's top tokens (the ones a chain or fan drafts) and keeps their order."""
+    if temperature == 1.0:
+        return probs
+    return torch.softmax(torch.log(probs.float().clamp_min(1e-30)) / temperature, dim=-1)
+
+
 def _eagle3_step(per_position, draft_logits, target_argmax_draft, loss_mask, num_items=None):
     """A per-position loss [...] → (loss, correct, count), the EAGLE-3 way (see the module notes)."""
     mask = loss_mask.bool()

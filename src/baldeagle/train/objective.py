@@ -15,9 +15,10 @@ from baldeagle.train.ttt import LOSSES, eagle1_forward, scored_positions, ttt_fo
 
 class DraftObjective(nn.Module):
     def __init__(self, draft: nn.Module, ttt_steps: int = 7, feature_noise: float = 0.2, ttt_step_weight: float = 0.8,
-                 loss: str = "kl", feature_dropout: float = 0.0):
+                 loss: str = "kl", feature_dropout: float = 0.0, label_temperature: float = 1.0):
         """loss: the EAGLE-3 step loss, "kl" or "lk" (train/losses.py); EAGLE-1 has its own loss only.
-        feature_dropout: EAGLE-3, dropout on the target's fused features in training (EAGLE-1: feature_noise)."""
+        feature_dropout: EAGLE-3, dropout on the target's fused features in training (EAGLE-1: feature_noise).
+        label_temperature: EAGLE-3, the target's draft-vocabulary distribution as p^(1/T) (`sharpen_probs`)."""
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
@@ -25,12 +26,17 @@ class DraftObjective(nn.Module):
             raise ValueError(f"loss={loss} is an EAGLE-3 loss; a {draft.config.draft_type} draft trains with its own")
         if feature_dropout and draft.config.draft_type != "eagle3":
             raise ValueError(f"feature_dropout is for EAGLE-3 drafts; a {draft.config.draft_type} draft has feature_noise")
+        if label_temperature <= 0:
+            raise ValueError(f"label_temperature must be > 0, got {label_temperature}")
+        if label_temperature != 1.0 and draft.config.draft_type != "eagle3":
+            raise ValueError(f"label_temperature is for EAGLE-3 drafts; a {draft.config.draft_type} draft has its own loss")
         self.draft = draft
         self.ttt_steps = ttt_steps
         self.ttt_step_weight = ttt_step_weight
         self.feature_noise = feature_noise
         self.feature_dropout = feature_dropout
         self.loss = loss
+        self.label_temperature = label_temperature
 
     def forward(self, batch: dict[str, torch.Tensor], target: TargetFeatures, num_items=None):
         """batch: input_ids, attention_mask, loss_mask [B, T]; target: the frozen target's tensors;
@@ -56,7 +62,7 @@ class DraftObjective(nn.Module):
         out = ttt_forward(
             self.draft, batch["input_ids"], features, target.logits, batch["loss_mask"],
             steps=self.ttt_steps, attention_mask=batch["attention_mask"], decay=self.ttt_step_weight,
-            num_items=divisor, loss=self.loss,
+            num_items=divisor, loss=self.loss, label_temperature=self.label_temperature,
         )
         sums = {}
         for k, (loss, correct, count) in enumerate(zip(out.step_losses, out.correct, out.count)):

@@ -49,6 +49,11 @@ def check_settings(cfg: TrainConfig) -> None:
     if cfg.loss != "kl" and cfg.draft_type != "eagle3":
         raise ConfigError(f"loss={cfg.loss} is an EAGLE-3 loss: draft_type={cfg.draft_type} trains with its own "
                           "(SmoothL1 + 0.1 · soft cross-entropy); use loss=kl or draft_type=eagle3")
+    if cfg.label_temperature <= 0:
+        raise ConfigError(f"label_temperature must be > 0, got {cfg.label_temperature}")
+    if cfg.label_temperature != 1.0 and cfg.draft_type != "eagle3":
+        raise ConfigError(f"label_temperature is for EAGLE-3 drafts: draft_type={cfg.draft_type} trains with its own "
+                          "loss on the target's distribution as it is")
     if cfg.feature_dropout and cfg.draft_type != "eagle3":
         raise ConfigError(f"feature_dropout is for EAGLE-3 drafts: draft_type={cfg.draft_type} regularises with "
                           "feature_noise (EAGLE-1's uniform noise on its input features)")
@@ -302,7 +307,7 @@ def run_train(cfg: TrainConfig) -> dict:
         callbacks.append(EvaluateEvery(cfg.eval_steps))  # no held-out split: the yardstick's own schedule
     trainer = EagleTrainer(
         model=DraftObjective(draft, cfg.ttt_steps, cfg.feature_noise, cfg.ttt_step_weight, cfg.loss,
-                             cfg.feature_dropout),
+                             cfg.feature_dropout, cfg.label_temperature),
         args=cfg,  # TrainConfig is a TrainingArguments
         train_dataset=train_rows,
         eval_dataset=eval_rows,

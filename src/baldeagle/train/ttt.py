@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from baldeagle.data.features import TargetLogits
 from baldeagle.model.layers import sdpa_attention
 from baldeagle.train.losses import (
-    draft_vocab_labels, eagle1_loss, eagle3_lk_loss_from_targets, eagle3_loss_from_targets,
+    draft_vocab_labels, eagle1_loss, sharpen_probs, eagle3_lk_loss_from_targets, eagle3_loss_from_targets,
     eagle3_ttt_loss, feature_noise,
 )
 
@@ -209,9 +209,10 @@ def ttt_unroll(draft, input_ids, features, runs: list[StepRows], real, position_
 
 
 def ttt_loss(draft, outputs, runs, trained, real, target_logits, decay: float = 0.8, num_items=None,
-             loss: str = "kl") -> TTTOutput:
+             loss: str = "kl", label_temperature: float = 1.0) -> TTTOutput:
     """Score the unroll: step k's output at row t against the target at t+1+k, for every trained
-    position (`trained` [B, T], `scored_positions`); losses from train/losses.py (`loss`: kl or lk)."""
+    position (`trained` [B, T], `scored_positions`); losses from train/losses.py (`loss`: kl or lk;
+    `label_temperature`: the target's draft-vocabulary distribution as p^(1/T), `sharpen_probs`)."""
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     b_idx, p_idx = trained.nonzero(as_tuple=True)  # [N]
@@ -221,6 +222,7 @@ def ttt_loss(draft, outputs, runs, trained, real, target_logits, decay: float = 
         target_probs, target_argmax, mass = target_logits.draft_vocab((b_idx, p_idx), draft.t2d, loss == "lk")
     else:
         target_probs, target_argmax, mass = draft_vocab_labels(target_logits[b_idx, p_idx], draft.t2d, loss == "lk")
+    target_probs = sharpen_probs(target_probs, label_temperature)  # the argmax (accuracy, OOV) is unchanged
     scored, keeps = [], []
     for k, (hidden, rows) in enumerate(zip(outputs, runs)):
         row = p_idx - 1 - k  # the row whose step-k output predicts position p
@@ -254,6 +256,7 @@ def ttt_forward(
     impl: str = "sdpa",
     num_items=None,
     loss: str = "kl",
+    label_temperature: float = 1.0,
 ) -> TTTOutput:
     """Unroll an EAGLE-3 draft for `steps` steps and return the weighted loss and per-step metrics.
 
@@ -262,13 +265,14 @@ def ttt_forward(
     (1 = token trained); attention_mask [B, T] (1 = real token); position_ids [B, T] (default 0..T-1).
     impl: "sdpa" (default; measured faster and leaner on an H200 and on CPU) or "eager" (same numbers).
     loss: "kl" (soft cross-entropy, default) or "lk" (LK^λ, arXiv 2602.23881), per step (train/losses.py).
+    label_temperature: the target's distribution over the draft vocabulary as p^(1/T) (1 = as it is).
     """
     real, position_ids = real_and_positions(input_ids, attention_mask, position_ids)
     # Target position p = t+1+k is trained iff x_{p+1} is: the same positions at every step.
     trained = scored_positions(loss_mask, real)
     runs = needed_rows(trained, real, steps)
     outputs = ttt_unroll(draft, input_ids, features, runs, real, position_ids, impl)
-    return ttt_loss(draft, outputs, runs, trained, real, target_logits, decay, num_items, loss)
+    return ttt_loss(draft, outputs, runs, trained, real, target_logits, decay, num_items, loss, label_temperature)
 
 
 @torch.no_grad()
