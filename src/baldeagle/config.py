@@ -92,6 +92,11 @@ class PrepareConfig:
     shuffle: bool = _help("shuffle rows before --limit", default=False)
     seed: int = _help("random seed for --shuffle", min=0, default=0)
     system_prompt: str = _help("system prompt injected into rows that have none", default="")
+    train_user_turns: bool = _help(
+        "train on the user's words too, not only the assistant's: the label at every position is the target's "
+        "own next-token distribution, so any text is signal (headers and system prompts stay untrained)",
+        default=False,
+    )
     chat_template: str = _help("file with a Jinja chat template (for tokenizers without one)", default="")
     strict: bool = _help("stop at the first bad row instead of skipping it", default=False)
     num_proc: int = _help("tokenisation processes (0 = all cores)", min=0, default=0)
@@ -371,6 +376,8 @@ class QuickstartConfig:
                                       "task), a file of openings, or empty (unsteered)", default="tasks")
     max_new_tokens: int = _help("tokens per regenerated answer", min=1, default=192)
     max_length: int = _help("truncate training rows to this many tokens", min=1, default=512)
+    train_user_turns: bool = _help("train on the prompts' words too, not only the answers' (prepare's "
+                                   "train_user_turns)", default=False)
     eval_prompts: int = _help("MT-bench questions to evaluate on (first turns)", min=1, default=10)
     eval_new_tokens: int = _help("new tokens per evaluated answer", min=1, default=96)
     score_prompts: int = _help("MT-bench first turns (spread over its categories) the yardstick scores the draft "

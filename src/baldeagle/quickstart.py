@@ -122,9 +122,11 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
                limit=cfg.conversations, shuffle=True, max_turns=cfg.max_turns, self_prompts=cfg.self_prompts,
                self_prompt_openings=cfg.self_prompt_openings,
                max_new_tokens=cfg.max_new_tokens, chunk_size=32, max_minutes=cfg.minutes * REGENERATE_SHARE)))
-    # 2. Conversations → token ids + assistant-only loss mask, with the target's chat template.
+    # 2. Conversations → token ids + a loss mask of the answers (and the prompts with
+    #    train_user_turns), with the target's chat template.
     _stage("prepare", prepared / "stats.json", timings, lambda: run_prepare(PrepareConfig(
-        model=cfg.model, dataset=str(regenerated), out=str(prepared), max_length=cfg.max_length, overwrite=True)))
+        model=cfg.model, dataset=str(regenerated), out=str(prepared), max_length=cfg.max_length,
+        train_user_turns=cfg.train_user_turns, overwrite=True)))
     # 3. Look at what will be trained: the loss mask over the text, in the terminal and as HTML.
     run_view(ViewConfig(data=str(prepared), rows=1, max_tokens=120, html=str(root / "mask.html")))
     # 4. Train an EAGLE-3 draft with the target online, for a fixed share of the budget.

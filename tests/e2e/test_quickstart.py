@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from baldeagle.config import EvalConfig, QuickstartConfig, ScoreConfig
+from baldeagle.data.prepare import load_prepared
 from baldeagle.data.regenerate import read_done
 from baldeagle.decode.cost import best_shape, settings_for
 from baldeagle.decode.evaluate import run_eval
@@ -16,12 +17,12 @@ from baldeagle.model.checkpoint import load_draft, save_draft
 from baldeagle.model.eagle3 import Eagle3Draft
 from baldeagle.data.regenerate import self_prompt_openings
 from baldeagle.quickstart import run_quickstart
-from baldeagle.targets import load_target
+from baldeagle.targets import load_target, load_tokenizer
 
 pytestmark = pytest.mark.e2e
 
 REDUCED = dict(minutes=2.5, conversations=16, self_prompts=6, max_new_tokens=64, eval_prompts=3, eval_new_tokens=32,
-               score_prompts=8, score_new_tokens=32)
+               score_prompts=8, score_new_tokens=32, train_user_turns=True)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,15 @@ def test_every_stage_wrote_its_output(quickstart):
     assert all(m["role"] == "assistant" for r in rows for m in r["messages"][1::2])
     prompts = read_done(root / "data" / "regenerated.jsonl.self_prompts.jsonl")  # steered by default
     assert prompts and all(p["prompt"].startswith(tuple(self_prompt_openings("tasks"))) for p in prompts)
-    assert json.loads((root / "prepared" / "stats.json").read_text())["trained_tokens"] > 0
+    assert json.loads((root / "prepared" / "stats.json").read_text())["train_user_turns"] is True
+    prepared, _ = load_prepared(root / "prepared")
+    tokenizer = load_tokenizer("smollm2")
+    first = prepared[0]
+    starts = [k for k, m in enumerate(first["loss_mask"]) if m and not (k and first["loss_mask"][k - 1])]
+    # train_user_turns reaches prepare: the row's first trained run is its first user turn's words.
+    first_run_end = first["loss_mask"].index(0, starts[0])
+    first_prompts = {r["messages"][0]["content"] + "<|im_end|>" for r in rows if r["messages"][0]["role"] == "user"}
+    assert tokenizer.decode(first["input_ids"][starts[0]:first_run_end]) in first_prompts
     assert (root / "mask.html").stat().st_size > 0
     draft = load_draft(root / "draft")
     assert draft.config.draft_type == "eagle3" and result["train"]["steps"] >= 1

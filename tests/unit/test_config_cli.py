@@ -23,6 +23,14 @@ def test_precedence_defaults_yaml_overrides_flags(tmp_path):
     assert cfg.model == PrepareConfig().model  # default untouched
 
 
+def test_train_user_turns_is_a_prepare_key_and_flag(tmp_path):
+    assert PrepareConfig().train_user_turns is False
+    assert parse_config(["prepare", "train_user_turns=true"])[1].train_user_turns is True
+    assert parse_config(["prepare", "--train-user-turns"])[1].train_user_turns is True
+    with pytest.raises(ConfigError, match="train_user_turns"):
+        parse_config(["prepare", "train_user_turns=maybe"])
+
+
 def test_unknown_key_in_yaml_names_key_and_file(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("max_lenght: 100\n")

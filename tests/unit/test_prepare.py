@@ -4,7 +4,7 @@ import json
 
 import datasets
 import pytest
-from tiny_chat import CHATML, char_tokenizer, save_tokenizer, trained_runs
+from tiny_chat import CHATML, DEFAULT_SYSTEM, char_tokenizer, save_tokenizer, trained_runs
 
 from baldeagle import cli
 from baldeagle.config import PrepareConfig
@@ -75,6 +75,25 @@ def test_bad_rows_are_skipped_and_counted(tmp_path, model, capsys):
     assert stats["model"] == model and stats["tokenizer"] and stats["provenance"]["argv"]
     assert (tmp_path / "out" / "config.yaml").is_file()
     assert "prepared 2 of 9 rows" in capsys.readouterr().out
+
+
+def test_train_user_turns_adds_the_users_words_to_the_mask(tmp_path, model):
+    default = run_prepare(config(tmp_path, model))
+    default_rows = load_prepared(tmp_path / "out")[0]
+    stats = run_prepare(config(tmp_path, model, train_user_turns=True, overwrite=True))
+    dataset, saved = load_prepared(tmp_path / "out")
+    assert saved["train_user_turns"] is True and default["train_user_turns"] is False
+    tokenizer = char_tokenizer(NO_SYSTEM)
+    runs = [trained_runs(tokenizer, row["input_ids"], row["loss_mask"]) for row in dataset]
+    # Row 6's question now has trained tokens inside max_length: kept, cut after its header (the
+    # default system prompt and the user header), no longer too_long.
+    header = tokenizer(f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\n", add_special_tokens=False)
+    question = 256 - len(header["input_ids"])
+    assert runs == [["Hi<|im_end|>", "Hello!<|im_end|>", "Bye<|im_end|>", "See you.<|im_end|>"], ["x" * question],
+                    ["One<|im_end|>", "Two<|im_end|>"]]
+    assert stats["skipped"]["too_long"] == 0 and stats["rows_truncated"] == 1
+    assert [dataset[0]["input_ids"], dataset[2]["input_ids"]] == default_rows["input_ids"]
+    assert stats["trained_tokens"] == default["trained_tokens"] + len("HiByeOne") + 3 + question
 
 
 def test_strict_names_the_row_and_leaves_nothing(tmp_path, model):

@@ -1,4 +1,4 @@
-"""The assistant-only loss mask is exact for hand-written templates of each family."""
+"""The loss mask (assistant turns, and user turns when asked) is exact for hand-written templates of each family."""
 
 import pytest
 from tiny_chat import (
@@ -20,10 +20,10 @@ from tiny_chat import (
 from baldeagle.data.template import (
     TemplateError,
     _trained,
-    assistant_spans,
     ensure_chat_template,
     render,
     tokenize_with_mask,
+    trained_spans,
 )
 
 
@@ -122,10 +122,54 @@ def test_gemma_folding_system_into_first_user_turn():
     assert trained_runs(tokenizer, ids, mask) == [c + "<end_of_turn>" for c in answers(messages, trim=True)]
 
 
+USER_TOO = [{"role": "user", "content": "Hello there!"}, {"role": "assistant", "content": "Hi! How are you?"},
+            {"role": "user", "content": " Tell me a joke. "}, {"role": "assistant", "content": "Why?"}]
+
+
+@pytest.mark.parametrize(
+    "template, system, expected",
+    [
+        # ChatML keeps the content as written; its default system prompt is header, never trained.
+        (CHATML, None, ["Hello there!<|im_end|>", "Hi! How are you?<|im_end|>", " Tell me a joke. <|im_end|>",
+                        "Why?<|im_end|>"]),
+        # Llama-3 trims every content; the given system prompt stays untrained.
+        (LLAMA3, "Be brief.", ["Hello there!<|eot_id|>", "Hi! How are you?<|eot_id|>", "Tell me a joke.<|eot_id|>",
+                               "Why?<|eot_id|>"]),
+        # A user turn of [INST] ends with the template's " [/INST]"; the space after it is the assistant's header.
+        (MISTRAL, None, ["Hello there! [/INST]", "Hi! How are you?</s>", " Tell me a joke.  [/INST]", "Why?</s>"]),
+        (GEMMA, None, ["Hello there!<end_of_turn>", "Hi! How are you?<end_of_turn>", "Tell me a joke.<end_of_turn>",
+                       "Why?<end_of_turn>"]),
+        # A system prompt folded into the first user turn is that turn's header: only the user's words train.
+        (GEMMA_FOLD, "Be brief.", ["Hello there!<end_of_turn>", "Hi! How are you?<end_of_turn>",
+                                   "Tell me a joke.<end_of_turn>", "Why?<end_of_turn>"]),
+    ],
+    ids=["chatml", "llama3", "mistral", "gemma", "gemma-fold"],
+)
+def test_user_turns_trained_when_asked(template, system, expected):
+    tokenizer = char_tokenizer(template)
+    messages = ([{"role": "system", "content": system}] if system else []) + USER_TOO
+    ids, mask = tokenize_with_mask(tokenizer, messages, roles=("user", "assistant"))
+    assert trained_runs(tokenizer, ids, mask) == expected
+    # The default mask is the same tokens less the user's: same ids, a subset of the trained positions.
+    ids_default, mask_default = tokenize_with_mask(tokenizer, messages)
+    assert ids_default == ids
+    assert trained_runs(tokenizer, ids, mask_default) == expected[1::2]
+    assert all(m >= d for m, d in zip(mask, mask_default))
+
+
+def test_user_turn_spans_start_after_the_default_system_prompt():
+    tokenizer = char_tokenizer(CHATML)
+    full, spans = trained_spans(tokenizer, USER_TOO[:2], roles=("user", "assistant"))
+    (user_seg_start, _, user_start, user_end), (assistant_seg_start, *_) = spans
+    assert full[:user_start] == f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\n"
+    assert full[user_start:user_end] == "Hello there!<|im_end|>" and user_seg_start == 0
+    assert full[:assistant_seg_start].endswith("<|im_start|>assistant\n")
+
+
 def test_spans_mark_content_and_end_of_turn_only():
     tokenizer = char_tokenizer(CHATML)
     messages = conversation()[:2]
-    full, spans = assistant_spans(tokenizer, messages)
+    full, spans = trained_spans(tokenizer, messages)
     (seg_start, seg_end, start, end), = spans
     assert full[seg_start:seg_end] == "Hi! How are you?<|im_end|>\n"
     assert full[start:end] == "Hi! How are you?<|im_end|>"

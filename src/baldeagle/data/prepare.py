@@ -1,4 +1,5 @@
-"""`baldeagle prepare`: conversations → token ids + assistant-only loss mask, saved as Arrow.
+"""`baldeagle prepare`: conversations → token ids + a loss mask of the assistant's tokens (and the
+user's with `train_user_turns`), saved as Arrow.
 
 Output folder (written atomically; it appears only when complete):
 - a `datasets` Arrow dataset (`save_to_disk`) with exactly two columns, `input_ids` (int32) and
@@ -69,28 +70,30 @@ def check_conversation(messages: list[dict]) -> tuple[str, str] | None:
     return None
 
 
-def encode_row(messages: list[dict], tokenizer, max_length: int) -> tuple[list[int], list[int], str, str, bool]:
-    """(input_ids, loss_mask, skip reason or "", detail, truncated) for one canonical conversation."""
+def encode_row(messages: list[dict], tokenizer, max_length: int,
+               roles: tuple[str, ...] = ("assistant",)) -> tuple[list[int], list[int], str, str, bool]:
+    """(input_ids, loss_mask, skip reason or "", detail, truncated) for one canonical conversation;
+    the mask marks the turns of `roles`."""
     problem = check_conversation(messages)
     if problem:
         return [], [], *problem, False
     try:
-        ids, mask, total = template.tokenize_row(tokenizer, messages, max_length)
+        ids, mask, total = template.tokenize_row(tokenizer, messages, max_length, roles)
     except template.TemplateError as error:
         return [], [], "template_error", str(error), False
     if not any(mask):
-        return [], [], "too_long", f"no assistant token within the first {max_length} of its {total} tokens", False
+        return [], [], "too_long", f"no trained token within the first {max_length} of its {total} tokens", False
     return ids, mask, "", "", total > len(ids)
 
 
-def _encoder(tokenizer, max_length: int, strict: bool):
+def _encoder(tokenizer, max_length: int, strict: bool, roles: tuple[str, ...]):
     """The `Dataset.map` function: one row → input_ids, loss_mask, skip."""
 
     def encode(row: dict, index: int) -> dict:
         if row.get("skip"):  # the source could not read this row (a malformed line): "reason: detail"
             ids, mask, (reason, _, detail), truncated = [], [], row["skip"].partition(": "), False
         else:
-            ids, mask, reason, detail, truncated = encode_row(row["messages"], tokenizer, max_length)
+            ids, mask, reason, detail, truncated = encode_row(row["messages"], tokenizer, max_length, roles)
         if reason and strict:  # name the row as the source numbers it, when it says
             raise PrepareError(f"row {row.get('row', index)}: {reason}: {detail}")
         return {"input_ids": ids, "loss_mask": mask, "skip": reason, "truncated": truncated}
@@ -106,11 +109,13 @@ def worker_count(requested: int, rows: int) -> int:
     return max(1, min(count, rows))
 
 
-def tokenise(conversations: datasets.Dataset, tokenizer, max_length: int, strict: bool, num_proc: int):
-    """(kept rows with input_ids and loss_mask, {reason: count} over all REASONS, kept rows truncated)."""
+def tokenise(conversations: datasets.Dataset, tokenizer, max_length: int, strict: bool, num_proc: int,
+             roles: tuple[str, ...] = ("assistant",)):
+    """(kept rows with input_ids and loss_mask, {reason: count} over all REASONS, kept rows truncated);
+    the mask marks the turns of `roles`."""
     procs = worker_count(num_proc, len(conversations))
     encoded = conversations.map(
-        _encoder(tokenizer, max_length, strict), with_indices=True, remove_columns=conversations.column_names,
+        _encoder(tokenizer, max_length, strict, roles), with_indices=True, remove_columns=conversations.column_names,
         features=OUTPUT_FEATURES, num_proc=procs if procs > 1 else None, load_from_cache_file=False,
         desc="Tokenising",
     )
@@ -147,6 +152,7 @@ def build_stats(cfg, tokenizer, rows_in: int, kept: datasets.Dataset, skipped: d
         "dataset": cfg.dataset,
         "split": cfg.split,
         "max_length": cfg.max_length,
+        "train_user_turns": cfg.train_user_turns,
         "provenance": provenance(),
     }
 
@@ -183,7 +189,8 @@ def run_prepare(cfg) -> dict:
     conversations = sources.load_conversations(
         cfg.dataset, cfg.split, cfg.limit, cfg.shuffle, cfg.seed, cfg.system_prompt
     )
-    kept, skipped, truncated = tokenise(conversations, tokenizer, cfg.max_length, cfg.strict, cfg.num_proc)
+    roles = ("user", "assistant") if cfg.train_user_turns else ("assistant",)
+    kept, skipped, truncated = tokenise(conversations, tokenizer, cfg.max_length, cfg.strict, cfg.num_proc, roles)
     if len(kept) == 0:
         raise _nothing_kept(len(conversations), skipped)
     stats = build_stats(cfg, tokenizer, len(conversations), kept, skipped, truncated)

@@ -1,4 +1,5 @@
-"""Chat-template rendering and the assistant-only loss mask, for any template (no per-model rules).
+"""Chat-template rendering and the loss mask (assistant turns, optionally user turns too), for any
+template (no per-model rules).
 
 How an assistant turn is found, for turn `i` of a conversation `m`:
 
@@ -17,6 +18,11 @@ content as the template rendered it (Llama-3's `| trim` included) followed by th
 marker(s), e.g. `content<|im_end|>` for ChatML (not the newline after it), `content<|eot_id|>`
 for Llama-3, `content</s>` for Llama-2/Mistral, `content<end_of_turn>` for Gemma. Whitespace
 after the end-of-turn marker is never trained: generation stops at the marker.
+
+User turns, when trained (`roles` holds "user"), are found the same way with
+`prefix_i = render(m[:i])` (no generation prompt; "" for turn 0) and a user sentinel: their content
+and end-of-turn marker are trained, their header never (a default system prompt the template
+writes before the first user turn is header too).
 
 The full text is tokenised once (`add_special_tokens=False`: templates write their own BOS) with
 offsets. A token is trained when it lies inside the segment and overlaps the trained characters.
@@ -77,9 +83,13 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False)
 
 
 def _locate_turn(tokenizer, messages: list[dict], i: int, full: str) -> tuple[int, int, int, int]:
-    """(seg_start, seg_end, start, end) of assistant turn i inside `full` (see the module notes)."""
-    prefix = render(tokenizer, messages[:i], add_generation_prompt=True)
-    probe = render(tokenizer, messages[:i] + [{"role": "assistant", "content": SENTINEL}])
+    """(seg_start, seg_end, start, end) of turn i (assistant or user) inside `full` (see the module notes)."""
+    role = messages[i]["role"]
+    if role == "assistant":
+        prefix = render(tokenizer, messages[:i], add_generation_prompt=True)
+    else:  # a user turn follows the turns before it with no generation prompt; turn 0 follows nothing
+        prefix = render(tokenizer, messages[:i]) if i else ""
+    probe = render(tokenizer, messages[:i] + [{"role": role, "content": SENTINEL}])
     content = messages[i]["content"]
     at = probe.find(SENTINEL)
     head = probe[:at] if at >= 0 else ""
@@ -90,25 +100,28 @@ def _locate_turn(tokenizer, messages: list[dict], i: int, full: str) -> tuple[in
         upto = render(tokenizer, messages[: i + 1])
     if content.strip() not in upto:
         raise TemplateError(
-            f"the chat template does not render assistant turn {i} (its content is missing "
-            "from the text); a template for training must render assistant messages"
+            f"the chat template does not render {role} turn {i} (its content is missing "
+            f"from the text); a template for training must render {role} messages"
         )
     if at < 0 or not (upto.startswith(head) and head.startswith(prefix) and full.startswith(upto)):
         raise TemplateError(
-            f"the chat template is not prefix-stable at assistant turn {i}: rendering the "
+            f"the chat template is not prefix-stable at {role} turn {i}: rendering the "
             "conversation up to a turn does not start with the rendering up to the turn "
-            "before it plus the generation prompt (the template rewrites earlier turns)"
+            "before it (plus the generation prompt) (the template rewrites earlier turns)"
         )
     start, end = len(head), len(upto.rstrip())
     if content.strip() not in full[start:end]:
-        raise TemplateError(f"assistant turn {i}'s content is not where the template's header ends")
+        raise TemplateError(f"{role} turn {i}'s content is not where the template's header ends")
     return len(prefix), len(upto), start, end
 
 
-def assistant_spans(
-    tokenizer, messages: list[dict], full: str | None = None, char_limit: int | None = None
+def trained_spans(
+    tokenizer, messages: list[dict], full: str | None = None, char_limit: int | None = None,
+    roles: tuple[str, ...] = ("assistant",),
 ) -> tuple[str, list[tuple[int, int, int, int]]]:
-    """Render `messages`; return (full text, one (seg_start, seg_end, start, end) per assistant turn).
+    """Render `messages`; return (full text, one (seg_start, seg_end, start, end) per trained turn:
+    each assistant turn, and each turn of the other `roles` too (("user", "assistant") trains the
+    user's words as well).
 
     [seg_start, seg_end) is everything the template wrote for the turn after its header;
     [start, end) the trained characters inside it (content + end-of-turn marker). Turns that
@@ -121,7 +134,7 @@ def assistant_spans(
     limit = len(full) if char_limit is None else char_limit
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] == "assistant":
+        if message["role"] in roles:
             span = _locate_turn(tokenizer, messages, i, full)
             if span[0] >= limit:
                 break
@@ -140,17 +153,20 @@ def _trained(offset: tuple[int, int], span: tuple[int, int, int, int]) -> bool:
     return token_start < end and token_end > start
 
 
-def tokenize_with_mask(tokenizer, messages: list[dict], max_length: int = 0) -> tuple[list[int], list[int]]:
-    """Token ids of the rendered conversation and a 0/1 mask marking the assistant tokens.
+def tokenize_with_mask(tokenizer, messages: list[dict], max_length: int = 0,
+                       roles: tuple[str, ...] = ("assistant",)) -> tuple[list[int], list[int]]:
+    """Token ids of the rendered conversation and a 0/1 mask marking the tokens of the turns of
+    `roles` (the assistant's by default).
 
     With `max_length`, both are truncated to that many tokens; the mask may then be all zeros
-    (no assistant token fits), which the caller reports as too long.
+    (no trained token fits), which the caller reports as too long.
     """
-    ids, mask, _ = tokenize_row(tokenizer, messages, max_length)
+    ids, mask, _ = tokenize_row(tokenizer, messages, max_length, roles)
     return ids, mask
 
 
-def tokenize_row(tokenizer, messages: list[dict], max_length: int = 0) -> tuple[list[int], list[int], int]:
+def tokenize_row(tokenizer, messages: list[dict], max_length: int = 0,
+                 roles: tuple[str, ...] = ("assistant",)) -> tuple[list[int], list[int], int]:
     """`tokenize_with_mask`, and how many tokens the rendered conversation has before truncation."""
     full = render(tokenizer, messages)
     encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
@@ -159,7 +175,7 @@ def tokenize_row(tokenizer, messages: list[dict], max_length: int = 0) -> tuple[
     truncated = bool(max_length) and total > max_length
     if truncated:
         ids, offsets = ids[:max_length], offsets[:max_length]
-    _, spans = assistant_spans(tokenizer, messages, full, offsets[-1][1] if truncated else None)
+    _, spans = trained_spans(tokenizer, messages, full, offsets[-1][1] if truncated else None, roles)
     mask = [0] * len(ids)
     span_index = 0
     for k, offset in enumerate(offsets):
