@@ -127,12 +127,26 @@ def setup_logging() -> None:
     log.setLevel(logging.INFO if main_process else logging.WARNING)
 
 
+def leave_process_group() -> None:
+    """Under torchrun: wait for every process (the main one saves last), then leave the group. A process
+    that exits with the group still up can abort in its communication threads ("terminate called without
+    an active exception") and fail the whole launch after the work is done."""
+    if "torch" not in sys.modules:  # no stage that could have joined a group ran
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     setup_logging()
     try:
         stage, cfg = parse_config(argv)
         run_stage(stage, cfg)
+        leave_process_group()
     # A user's mistake is one line and exit status 2; anything else (a RuntimeError from torch,
     # a bug) propagates with its traceback.
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as error:
