@@ -268,6 +268,8 @@ class EvalConfig:
         "per-decoder medians", min=1, default=2)
     seed: int = _help("random seed for sampling", min=0, default=0)
     target_dtype: str = target_dtype_field()
+    draft_dtype: str = _help("dtype of the draft while decoding (empty = the target's). The target alone decides "
+                             "what is accepted, so the output stays the target's in any draft dtype", default="")
     trust_remote_code: bool = trust_remote_code_field()
 
 

@@ -10,6 +10,7 @@ from tiny_targets import tiny_draft, tiny_target
 
 from baldeagle.config import EvalConfig
 from baldeagle.decode.evaluate import (
+    _load,
     load_prompt_set,
     median_timings,
     prompt_lookup_generate,
@@ -67,6 +68,19 @@ def test_run_eval_writes_eval_json_and_plot(saved, tmp_path, mode):
     assert saved_json["settings"]["mode"] == mode
     assert (out / "acceptance.png").is_file() and (out / "config.yaml").is_file()
     assert result["new_tokens"] == sum(t["new_tokens"] for t in saved_json["turns"])
+
+
+@pytest.mark.parametrize("mode", ["chain", "tree"])
+def test_a_bfloat16_draft_keeps_the_float32_targets_output(saved, tmp_path, mode):
+    """The draft only proposes: in bfloat16 beside a float32 target, every turn is still plain decoding's."""
+    cfg = config(saved, tmp_path, mode=mode, draft_dtype="bfloat16", prompt_lookup=False)
+    session = _load(cfg)
+    assert {p.dtype for p in session.draft.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in session.target.parameters()} == {torch.float32}
+    result = run_eval(cfg)
+    assert result["outputs_match_baseline"] is True
+    assert all(turn["matches_baseline"] for turn in result["turns"])
+    assert result["settings"]["draft_dtype"] == "bfloat16" and result["settings"]["target_dtype"] == "float32"
 
 
 def test_run_eval_sampling_reports_no_exactness(saved, tmp_path):
@@ -191,6 +205,7 @@ def _table(result):
         (dict(temperature=-0.5), ValueError, "temperature"),
         (dict(mode="beam"), ValueError, "mode"),
         (dict(target_dtype="int8"), ValueError, "target_dtype"),
+        (dict(draft_dtype="int8"), ValueError, "draft_dtype"),
         (dict(timing_repeats=0), ValueError, "timing_repeats"),
         (dict(max_new_tokens=600), ValueError, "exceeds the target's context of 512"),
         (dict(prompts="missing.jsonl"), FileNotFoundError, "not found"),

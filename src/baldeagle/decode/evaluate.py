@@ -290,10 +290,11 @@ def _load(cfg: EvalConfig) -> Session:
     if cfg.timing_repeats < 1:
         raise ValueError(f"timing_repeats must be at least 1, got {cfg.timing_repeats}")
     dtype = torch_dtype(cfg.target_dtype)
+    draft_dtype = torch_dtype(cfg.draft_dtype, "draft_dtype") if cfg.draft_dtype else dtype
     prompts = load_prompt_set(cfg.prompts, cfg.limit, cfg.first_turn_only)
     if not prompts:
         raise ValueError(f"no prompts to evaluate in {cfg.prompts!r}")
-    draft = load_draft(cfg.draft, dtype=dtype).eval()
+    draft = load_draft(cfg.draft, dtype=draft_dtype).eval()
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     if not tokenizer.chat_template:
         raise ValueError(f"the tokenizer of {cfg.model} has no chat template to render prompts with")
